@@ -1,0 +1,75 @@
+# Strata: `make run` brings the suite up locally, `make test` runs every test layer.
+# Both set up what they need (virtualenv, dependencies, generated code) on a fresh machine.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+GEN := gen/python
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(INSTALLED) $(BUF) ## Create .venv with pinned dependencies and install buf locally
+
+$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
+	@echo "==> creating $(VENV) and installing pinned dependencies"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+$(BUF):
+	@echo "==> installing buf $(BUF_VERSION) from npm into .tools/"
+	@mkdir -p .tools
+	@npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION) >/dev/null
+
+proto: $(INSTALLED) ## Regenerate gen/python from protos/
+	@echo "==> generating Python code from protos/ into $(GEN)"
+	@$(PY) -m strata_cli.protogen protos $(GEN)
+
+proto-check: $(INSTALLED) $(BUF) ## Fail when buf lint fails or gen/python is stale
+	@echo "==> buf lint"
+	@cd protos && ../$(BUF) lint
+	@echo "==> checking that $(GEN) matches protos/"
+	@$(PY) -m strata_cli.protogen protos $(GEN) --check
+
+lint: $(INSTALLED) $(BUF) ## ruff, mypy and buf lint
+	@echo "==> ruff"
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@echo "==> mypy"
+	@$(VENV)/bin/mypy
+	@echo "==> buf lint"
+	@cd protos && ../$(BUF) lint
+
+fmt: $(INSTALLED) ## Format the code with ruff
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+run: $(INSTALLED) ## Start the four services locally on the mock provider and stream an answer
+	@$(PY) -m strata_cli dev
+
+test: $(INSTALLED) ## Run every test layer: unit, grpc, stack
+	@echo "==> tests: unit, grpc, stack (real Redis; a private redis-server when none answers)"
+	@$(PY) -m pytest tests/unit tests/grpc tests/stack
+
+test-unit: $(INSTALLED) ## Unit tests only (no sockets)
+	@$(PY) -m pytest tests/unit
+
+test-grpc: $(INSTALLED) ## Each service through real stubs
+	@$(PY) -m pytest tests/grpc
+
+test-stack: $(INSTALLED) ## The four services as processes with Redis and an HTTP upstream
+	@$(PY) -m pytest tests/stack
+
+clean: ## Remove the virtualenv, local tools and run state
+	rm -rf $(VENV) .tools .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,187 @@
+"""One way to run a service: `start()` for tests, `run()` for `python -m services.<name>`.
+
+Both build the same grpc.aio server: the service's handlers, the standard health service
+(NOT_SERVING until every dependency probe answers, and kept true by re-probing), server
+reflection, and a bound port (0 in tests). `run()` adds the signals: on SIGTERM or SIGINT
+health turns NOT_SERVING, open calls get `shutdown_grace_s` to finish, then the service's
+clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import logs
+from services.common.settings import ConfigError, ServiceSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+Probe = Callable[[], Awaitable[object]]
+"""Raises (or times out) when a dependency does not answer."""
+
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Service:
+    """What a service plugs into the bootstrap."""
+
+    name: str
+    """Short name for logs: orchestrator, control, cache, executor."""
+    register: Callable[[grpc.aio.Server], None]
+    """Adds the service's servicers to the server."""
+    service_names: Sequence[str]
+    """Full names of the gRPC services, for health and reflection."""
+    probes: Mapping[str, Probe] = field(default_factory=dict)
+    """Dependencies that must answer before the service reports SERVING, by name."""
+    close: Callable[[], Awaitable[None]] | None = None
+    """Releases the service's clients after the server has stopped."""
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
+    """Channel arguments for the server: message size bounds and keepalive."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class RunningServer:
+    """A started service: its port, and how to stop it."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        service: Service,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+        settings: ServiceSettings,
+    ) -> None:
+        self.server = server
+        self.service = service
+        self.health = health_servicer
+        self.port = port
+        self.address = f"{settings.host}:{port}"
+        self._settings = settings
+        self._watch = asyncio.create_task(self._watch_health(), name=f"{service.name}-health")
+        self._stopped = False
+
+    async def _watch_health(self) -> None:
+        names = ["", *self.service.service_names]
+        serving: bool | None = None
+        retry_s = 0.05
+        while True:
+            failed = await _failed_probes(self.service.probes)
+            if (not failed) != serving:
+                serving = not failed
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if serving
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    await self.health.set(name, status)
+                if serving:
+                    log.info("%s serving on %s", self.service.name, self.address)
+                else:
+                    log.warning("%s not serving: %s did not answer", self.service.name, failed)
+            if serving:
+                await asyncio.sleep(self._settings.health_probe_interval_s)
+            else:
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 1.0)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Turns health NOT_SERVING, lets open calls finish within the grace, closes clients."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.server.stop(grace)
+        if self.service.close is not None:
+            await self.service.close()
+        log.info("%s stopped", self.service.name)
+
+
+async def _failed_probes(probes: Mapping[str, Probe]) -> list[str]:
+    async def check(probe: Probe) -> bool:
+        try:
+            await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
+        except Exception:
+            return False
+        return True
+
+    results = await asyncio.gather(*(check(p) for p in probes.values()))
+    return [name for name, ok in zip(probes, results, strict=True) if not ok]
+
+
+async def start(settings: ServiceSettings, service: Service) -> RunningServer:
+    """Builds, binds and starts the server; health turns SERVING once the probes pass."""
+    server = grpc.aio.server(options=server_options(settings))
+    service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ["", *service.service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"{service.name}: cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    if settings.port_file is not None:
+        _write_atomically(settings.port_file, f"{port}\n")
+    return RunningServer(server, service, health_servicer, port, settings)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_Settings = TypeVar("_Settings", bound=ServiceSettings)
+
+
+def main(name: str, settings_class: type[_Settings], build: Callable[[_Settings], Awaitable[Service]]) -> None:
+    """Entry point of `python -m services.<name>`: settings from the environment, then `run`."""
+    settings = load_settings(settings_class)
+    try:
+        asyncio.run(run(name, settings, lambda: build(settings)))
+    except ConfigError as err:
+        sys.exit(f"{name}: {err}")
+
+
+async def run(name: str, settings: ServiceSettings, build: Callable[[], Awaitable[Service]]) -> None:
+    """Runs a service until SIGTERM or SIGINT, then drains it."""
+    logs.configure(name, settings.log_level)
+    service = await build()
+    running = await start(settings, service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("%s listening on %s", service.name, running.address)
+    await stop.wait()
+    log.info("%s draining (grace %.1fs)", service.name, settings.shutdown_grace_s)
+    await running.stop()
+

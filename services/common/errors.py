@@ -1,0 +1,362 @@
+"""Errors a client can see, and their one mapping to gRPC.
+
+Every error leaves a service as a `google.rpc.Status` whose details hold an `ErrorInfo`
+(domain "strata", a stable UPPER_SNAKE reason, metadata with the values) and, where they
+apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handler` and
+`stream_handler` turn them into the status, so no handler sets a code itself.
+
+    StrataError                       code                reason
+    ├── RequestInvalid                INVALID_ARGUMENT    REQUEST_INVALID (+ BadRequest)
+    ├── ApiKeyInvalid                 UNAUTHENTICATED     API_KEY_INVALID
+    ├── ModelNotFound                 NOT_FOUND           MODEL_NOT_FOUND
+    ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
+    ├── ProviderError
+    │   ├── ProviderUnavailable       UNAVAILABLE         PROVIDER_UNAVAILABLE
+    │   ├── ProviderRateLimited       RESOURCE_EXHAUSTED  PROVIDER_RATE_LIMITED (+ RetryInfo)
+    │   ├── ProviderRejected          INVALID_ARGUMENT    PROVIDER_REJECTED_REQUEST
+    │   ├── ProviderTimeout           DEADLINE_EXCEEDED   PROVIDER_TIMEOUT
+    │   ├── ProviderProtocolError     UNAVAILABLE         PROVIDER_PROTOCOL_ERROR
+    │   └── StreamInterrupted         UNAVAILABLE         STREAM_INTERRUPTED
+    ├── DependencyUnavailable         UNAVAILABLE         <NAME>_UNAVAILABLE
+    ├── DeadlineExceeded              DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    └── DownstreamError               (as received)       (as received)
+
+`DownstreamError` carries a status another Strata service sent, byte for byte, so a reason
+from a downstream service reaches the client unchanged. Anything else a handler raises
+becomes INTERNAL/INTERNAL with a generic message; its traceback is logged, never sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common.logs import bind_request_id
+
+DOMAIN = "strata"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+log = logging.getLogger(__name__)
+
+
+class StrataError(Exception):
+    """An error with a gRPC code and a stable reason, safe to show to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def details(self) -> list[Any]:
+        """The google.rpc detail messages besides ErrorInfo."""
+        return []
+
+    def to_status(self) -> grpc.Status:
+        """The rich status sent to the client."""
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        info.metadata.update(self.metadata)
+        packed = []
+        for detail in [info, *self.details()]:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return rpc_status.to_status(status)
+
+
+class FieldViolation:
+    """One invalid field of a request: its path (e.g. `params.max_output_tokens`) and why."""
+
+    __slots__ = ("description", "field")
+
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        self.description = description
+
+
+class RequestInvalid(StrataError):
+    """The request is malformed; nothing was changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "REQUEST_INVALID"
+
+    def __init__(self, violations: list[FieldViolation], *, reason: str | None = None) -> None:
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message or "invalid request", reason=reason)
+        self.violations = violations
+
+    @classmethod
+    def field(cls, field: str, description: str, *, reason: str | None = None) -> RequestInvalid:
+        """An error about a single field."""
+        return cls([FieldViolation(field, description)], reason=reason)
+
+    def details(self) -> list[Any]:
+        bad = error_details_pb2.BadRequest()
+        for v in self.violations:
+            bad.field_violations.add(field=v.field, description=v.description)
+        return [bad]
+
+
+class ApiKeyInvalid(StrataError):
+    """The API key is missing, unknown or disabled."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "API_KEY_INVALID"
+
+
+class ModelNotFound(StrataError):
+    """The model alias is not configured."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is not configured", metadata={"model": model})
+
+
+class _RetryAfter(StrataError):
+    """Base for errors that tell the client when to try again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        meta = dict(metadata or {})
+        if retry_after_s is not None:
+            meta["retry_after_ms"] = str(math.ceil(retry_after_s * 1000))
+        super().__init__(message, reason=reason, metadata=meta)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list[Any]:
+        if self.retry_after_s is None:
+            return []
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(math.ceil(self.retry_after_s * 1e9))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class RateLimited(_RetryAfter):
+    """A limit of the caller's key was reached; RetryInfo says when to try again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+
+class ProviderError(StrataError):
+    """The model provider did not give a complete answer."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "PROVIDER_UNAVAILABLE"
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider failed (5xx, refused or broken connection)."""
+
+
+class ProviderRateLimited(_RetryAfter, ProviderError):
+    """The provider refused the call for its own rate limit or quota."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "PROVIDER_RATE_LIMITED"
+
+
+class ProviderRejected(ProviderError):
+    """The provider rejected the request as invalid; retrying will not help."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "PROVIDER_REJECTED_REQUEST"
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "PROVIDER_TIMEOUT"
+
+
+class ProviderProtocolError(ProviderError):
+    """The provider's answer could not be understood."""
+
+    reason = "PROVIDER_PROTOCOL_ERROR"
+
+
+class StreamInterrupted(ProviderError):
+    """The provider's stream ended before its final event; the answer is incomplete."""
+
+    reason = "STREAM_INTERRUPTED"
+
+
+class DependencyUnavailable(StrataError):
+    """A dependency (Redis, another Strata service) did not answer."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, dependency: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"{dependency} is unavailable",
+            reason=f"{dependency.upper()}_UNAVAILABLE",
+            metadata={"dependency": dependency},
+        )
+
+
+class DeadlineExceeded(StrataError):
+    """The caller's deadline passed before the work was done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class DownstreamError(StrataError):
+    """A rich status received from another Strata service, passed on unchanged."""
+
+    def __init__(self, status: status_pb2.Status, code: grpc.StatusCode) -> None:
+        info = _error_info(status)
+        super().__init__(
+            status.message,
+            reason=info.reason if info else "INTERNAL",
+            metadata=dict(info.metadata) if info else None,
+        )
+        self.code = code
+        self.status = status
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.status)
+
+
+def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, dependency: str) -> StrataError:
+    """Turns an error from a call to another Strata service into the error to raise.
+
+    A rich status is passed on unchanged. A bare one (the service is down, the deadline
+    passed on the wire) gets a reason naming the dependency.
+    """
+    code = error.code()
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0]:
+                return DownstreamError(status, code)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"deadline exceeded waiting for {dependency}")
+    if code == grpc.StatusCode.CANCELLED:
+        return DependencyUnavailable(dependency, f"call to {dependency} was cancelled")
+    return DependencyUnavailable(dependency)
+
+
+def _internal_status() -> grpc.Status:
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN)
+    status.details.add().Pack(info)
+    return rpc_status.to_status(status)
+
+
+_S = TypeVar("_S")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            return value
+    return ""
+
+
+def unary_handler(
+    handler: Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]],
+) -> Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]:
+    """Wraps a unary handler: binds the request id for logs and maps errors to a status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: _S, request: _Req, context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
+        bind_request_id(_request_id(context))
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except StrataError as err:
+            await context.abort_with_status(err.to_status())
+        except Exception:
+            log.exception("unhandled error in %s", handler.__qualname__)
+            await context.abort_with_status(_internal_status())
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def stream_handler(
+    handler: Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]],
+) -> Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]]:
+    """Wraps a server-streaming handler the same way as `unary_handler`."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: _S, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[_Resp]:
+        bind_request_id(_request_id(context))
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except grpc.aio.AbortError:
+            raise
+        except StrataError as err:
+            await context.abort_with_status(err.to_status())
+        except Exception:
+            log.exception("unhandled error in %s", handler.__qualname__)
+            await context.abort_with_status(_internal_status())
+
+    return wrapper
+
+
+__all__ = [
+    "ApiKeyInvalid",
+    "DeadlineExceeded",
+    "DependencyUnavailable",
+    "DownstreamError",
+    "FieldViolation",
+    "ModelNotFound",
+    "ProviderError",
+    "ProviderProtocolError",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "RequestInvalid",
+    "StrataError",
+    "StreamInterrupted",
+    "from_rpc_error",
+    "stream_handler",
+    "unary_handler",
+]

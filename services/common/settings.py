@@ -1,0 +1,52 @@
+"""Settings shared by every service; each service subclasses `ServiceSettings` with its prefix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every service process needs: where to listen and how to stop."""
+
+    model_config = SettingsConfigDict(extra="ignore", validate_by_name=True)
+
+    host: str = "127.0.0.1"
+    """Interface to listen on; 0.0.0.0 in containers."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one (tests)."""
+    port_file: Path | None = None
+    """When set, the bound port is written here once the server listens (for launchers)."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM, how long open calls may run before they are cancelled."""
+    health_probe_interval_s: float = 5.0
+    """How often the dependencies are probed to keep the health status true."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+
+
+class ConfigError(Exception):
+    """A configuration file or value is missing or invalid; the message says which."""
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def load_settings(cls: type[_S]) -> _S:
+    """Loads settings from the environment; exits naming each missing or invalid variable."""
+    try:
+        return cls()
+    except ValidationError as err:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        lines = []
+        for problem in err.errors():
+            name = ".".join(str(part) for part in problem["loc"])
+            env = name if name.isupper() else f"{prefix}{name}".upper()
+            lines.append(f"  {env}: {problem['msg']}")
+        sys.exit(f"{cls.__name__}: invalid configuration\n" + "\n".join(lines))

@@ -1,0 +1,147 @@
+"""The deterministic mock provider: no network, the same answer for the same prompt.
+
+The answer depends only on the conversation, the seed and the model; it streams word by
+word. The model's `upstream_model` picks a behaviour, so failure paths can be tested on
+purpose (after tensorzero's dummy provider):
+
+    echo (or any other name)  a normal answer
+    slow-first-token          waits `first_token_delay_ms` (default 1500) before the first word
+    slow-chunks               waits `chunk_delay_ms` (default 200) between words
+    rate-limited              refuses like an HTTP 429 with Retry-After `retry_after_s` (default 2)
+    error                     fails like an HTTP 500
+    hang                      accepts the call and never sends a word
+    cut                       sends half the answer, then the stream breaks
+    malformed                 answers with something that cannot be parsed
+
+Options (in the model's `options`): first_token_delay_ms, chunk_delay_ms, words_per_chunk,
+retry_after_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from services.common.errors import (
+    ProviderProtocolError,
+    ProviderRateLimited,
+    ProviderUnavailable,
+    StreamInterrupted,
+)
+from services.executor.providers.base import (
+    Accepted,
+    Completion,
+    Event,
+    Finished,
+    ProviderRequest,
+    TextDelta,
+)
+from strata.common.v1 import common_pb2
+
+_SENTENCES = (
+    "Strata admits the request, looks in the cache, then streams the answer from a model.",
+    "Every stream ends with exactly one final chunk that carries usage and cost.",
+    "Rate limits and budgets hold across replicas because Redis decides each one atomically.",
+    "A cached answer is served only inside the tenant, model and parameters it was stored for.",
+    "Deadlines and cancellation travel with the request through all four services.",
+    "Errors reach the client with a gRPC code and a stable reason it can act on.",
+    "This mock answers deterministically: the same conversation always gives the same words.",
+    "Each service scales on its own; shared state lives in Redis and Qdrant.",
+)
+
+
+def _words(request: ProviderRequest) -> list[str]:
+    digest = hashlib.sha256()
+    digest.update(request.model.upstream_model.encode())
+    digest.update(str(request.params.seed if request.params.HasField("seed") else "").encode())
+    for message in request.messages:
+        digest.update(f"\x00{message.role}\x00{message.content}".encode())
+    seed = digest.digest()
+    last_user = next(
+        (m.content for m in reversed(request.messages) if m.role == common_pb2.ROLE_USER), ""
+    )
+    excerpt = last_user.split()[:8]
+    words = ["Mock", "answer:"]
+    if excerpt:
+        words = ["Mock", "answer", "to", *f"“{' '.join(excerpt)}”:".split()]
+    for i in range(2 + seed[0] % 3):
+        words += _SENTENCES[seed[i + 1] % len(_SENTENCES)].split()
+    return words
+
+
+def _answer(request: ProviderRequest) -> tuple[list[str], common_pb2.FinishReason.ValueType]:
+    """The words of the answer and why it ends (limit or stop sequence)."""
+    words = _words(request)
+    finish = common_pb2.FINISH_REASON_STOP
+    if len(words) > request.max_output_tokens:
+        words = words[: request.max_output_tokens]
+        finish = common_pb2.FINISH_REASON_LENGTH
+    text = " ".join(words)
+    for stop in request.params.stop:
+        at = text.find(stop)
+        if at >= 0:
+            words = text[:at].split(" ") if at else []
+            finish = common_pb2.FINISH_REASON_STOP
+            text = text[:at]
+    return words, finish
+
+
+def _input_tokens(request: ProviderRequest) -> int:
+    return sum(len(m.content.split()) + 3 for m in request.messages) + 3
+
+
+class MockProvider:
+    """A provider that answers from the prompt alone."""
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+        behaviour = request.model.upstream_model
+        options = request.model.options
+        if behaviour == "rate-limited":
+            raise ProviderRateLimited(
+                "mock provider is rate limited (HTTP 429)",
+                retry_after_s=float(options.get("retry_after_s", 2)),
+            )
+        if behaviour == "error":
+            raise ProviderUnavailable("mock provider failed (HTTP 500)")
+        if behaviour == "malformed":
+            raise ProviderProtocolError("mock provider sent a body that is not valid JSON")
+        yield Accepted()
+        if behaviour == "hang":
+            await asyncio.Event().wait()
+
+        first_delay = float(
+            options.get("first_token_delay_ms", 1500 if behaviour == "slow-first-token" else 0)
+        )
+        chunk_delay = float(options.get("chunk_delay_ms", 200 if behaviour == "slow-chunks" else 0))
+        per_chunk = max(1, int(options.get("words_per_chunk", 1)))
+        words, finish = _answer(request)
+        if behaviour == "cut":
+            words = words[: len(words) // 2]
+
+        if first_delay:
+            await asyncio.sleep(first_delay / 1000)
+        for i in range(0, len(words), per_chunk):
+            if i and chunk_delay:
+                await asyncio.sleep(chunk_delay / 1000)
+            piece = " ".join(words[i : i + per_chunk])
+            yield TextDelta(piece if i == 0 else " " + piece)
+        if behaviour == "cut":
+            raise StreamInterrupted("mock provider's stream broke before its end")
+        yield Finished(
+            finish_reason=finish,
+            usage=common_pb2.Usage(input_tokens=_input_tokens(request), output_tokens=len(words)),
+            provider_model=f"mock/{behaviour}",
+        )
+
+    async def complete(self, request: ProviderRequest) -> Completion:
+        parts: list[str] = []
+        async for event in self.stream(request):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                return Completion("".join(parts), event.finish_reason, event.usage, event.provider_model)
+        raise StreamInterrupted("mock provider ended without an answer")
+
+    async def aclose(self) -> None:
+        return None

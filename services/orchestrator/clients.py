@@ -1,0 +1,129 @@
+"""The orchestrator's clients of control, cache and executor: one channel each, per process.
+
+Every call carries a timeout taken from the request's deadline and the request id; a
+failure becomes the StrataError to raise, with the downstream reason unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+
+from services.common.calls import Deadline, request_metadata
+from services.common.errors import from_rpc_error
+from strata.cache.v1 import cache_pb2, cache_pb2_grpc
+from strata.control.v1 import control_pb2, control_pb2_grpc
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
+
+_Resp = TypeVar("_Resp")
+
+SETTLE_ATTEMPTS = 3
+"""Settle is idempotent by request id, so an UNAVAILABLE answer is safely tried again."""
+
+
+async def _unary(dependency: str, call: Awaitable[_Resp]) -> _Resp:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err, dependency) from None
+
+
+class ControlClient:
+    """Admission and settlement."""
+
+    def __init__(self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float) -> None:
+        self._stub = control_pb2_grpc.ControlServiceStub(channel)
+        self._admit_timeout_s = admit_timeout_s
+        self._settle_timeout_s = settle_timeout_s
+
+    async def admit(
+        self, request: control_pb2.AdmitRequest, deadline: Deadline
+    ) -> control_pb2.AdmitResponse:
+        return await _unary(
+            "control",
+            self._stub.Admit(
+                request,
+                timeout=deadline.cap(self._admit_timeout_s),
+                metadata=request_metadata(request.request_id),
+            ),
+        )
+
+    async def settle(self, request: control_pb2.SettleRequest) -> control_pb2.SettleResponse:
+        """Settles, trying again on UNAVAILABLE; runs after the client's deadline if need be."""
+        metadata = request_metadata(request.request_id)
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return await self._stub.Settle(
+                    request, timeout=self._settle_timeout_s, metadata=metadata
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == SETTLE_ATTEMPTS - 1:
+                    raise from_rpc_error(err, "control") from None
+                await asyncio.sleep(0.05 * 4**attempt)
+        raise AssertionError("unreachable")
+
+
+class CacheClient:
+    """Lookups and stores, each bounded by the cache timeout."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = cache_pb2_grpc.CacheServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def lookup(
+        self, request: cache_pb2.LookupRequest, deadline: Deadline, request_id: str
+    ) -> cache_pb2.LookupResponse:
+        return await _unary(
+            "cache",
+            self._stub.Lookup(
+                request, timeout=deadline.cap(self._timeout_s), metadata=request_metadata(request_id)
+            ),
+        )
+
+    async def store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
+        return await _unary(
+            "cache",
+            self._stub.Store(
+                request,
+                timeout=self._timeout_s,
+                metadata=request_metadata(request.answer.request_id),
+            ),
+        )
+
+
+class ExecutorClient:
+    """Model calls, bounded by the request's deadline."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+
+    async def complete(
+        self, request: executor_pb2.CompleteRequest, deadline: Deadline
+    ) -> executor_pb2.CompleteResponse:
+        return await _unary(
+            "executor",
+            self._stub.Complete(
+                request,
+                timeout=deadline.remaining(),
+                metadata=request_metadata(request.request_id),
+            ),
+        )
+
+    async def stream(
+        self, request: executor_pb2.StreamCompleteRequest, deadline: Deadline
+    ) -> AsyncIterator[executor_pb2.StreamCompleteResponse]:
+        """The executor's chunks; closing this iterator cancels the executor call."""
+        call = self._stub.StreamComplete(
+            request, timeout=deadline.remaining(), metadata=request_metadata(request.request_id)
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, "executor") from None
+        finally:
+            call.cancel()
+

@@ -1,0 +1,34 @@
+"""Settings of the orchestrator (environment prefix STRATA_ORCHESTRATOR_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class OrchestratorSettings(ServiceSettings):
+    """The public API and where it finds the other services."""
+
+    model_config = SettingsConfigDict(env_prefix="STRATA_ORCHESTRATOR_")
+
+    port: int = 50051
+    """Port to listen on."""
+    control_address: str
+    """Required. host:port of the control service."""
+    cache_address: str
+    """Required. host:port of the cache service."""
+    executor_address: str
+    """Required. host:port of the executor service."""
+    models_file: Path
+    """Required. YAML file of providers and models (the same file the executor reads)."""
+    default_deadline_s: float = 300.0
+    """Longest a request may run when the client set no deadline."""
+    admit_timeout_s: float = 2.0
+    """Longest wait for the control service's admission."""
+    cache_timeout_s: float = 0.5
+    """Longest wait for a cache lookup or store; past it the request goes on as a miss."""
+    settle_timeout_s: float = 2.0
+    """Longest wait for one settlement attempt."""

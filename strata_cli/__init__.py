@@ -1,0 +1,1 @@
+"""The `strata` command: a client of the public API and the local developer tools."""

@@ -1,0 +1,190 @@
+"""`strata`: talk to a running Strata, make API keys, run the suite locally.
+
+    strata chat "What is Strata?"          stream an answer (key from STRATA_API_KEY)
+    strata keys create --tenant acme       print a new API key and the hash to configure
+    strata dev                             run the four services locally (what `make run` does)
+    strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
+
+On failure a command exits non-zero and prints the gRPC code and Strata's error reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from strata.common.v1 import common_pb2
+from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def describe_error(err: grpc.RpcError) -> str:
+    """`CODE REASON: message` for an error from a Strata service."""
+    code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+    reason, extra = "", ""
+    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+                if info.metadata:
+                    extra = " (" + ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items())) + ")"
+    message = err.details() if isinstance(err, grpc.Call) else str(err)
+    return f"{code} {reason}: {message}{extra}".replace("  ", " ")
+
+
+def stream_chat(
+    address: str,
+    api_key: str,
+    model: str,
+    prompt: str,
+    system: str | None = None,
+    max_output_tokens: int | None = None,
+    temperature: float | None = None,
+) -> orchestrator_pb2.StreamGenerateResponse.Final:
+    """Streams one answer to stdout; returns the final chunk."""
+    write = sys.stdout.write
+    messages = []
+    if system:
+        messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system))
+    messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt))
+    params = common_pb2.GenerationParams()
+    if max_output_tokens is not None:
+        params.max_output_tokens = max_output_tokens
+    if temperature is not None:
+        params.temperature = temperature
+    request = orchestrator_pb2.StreamGenerateRequest(model=model, messages=messages, params=params)
+    with grpc.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        started = time.perf_counter()
+        first: float | None = None
+        final = None
+        for chunk in stub.StreamGenerate(
+            request, metadata=(("authorization", f"Bearer {api_key}"),), timeout=120
+        ):
+            kind = chunk.WhichOneof("chunk")
+            if kind == "delta":
+                first = first or time.perf_counter()
+                write(chunk.delta.text)
+                sys.stdout.flush()
+            elif kind == "start":
+                start = chunk.start
+                status = common_pb2.CacheStatus.Name(start.cache_status).removeprefix("CACHE_STATUS_")
+                print(f"[{start.request_id} · {start.model} · cache {status}]", file=sys.stderr)
+            elif kind == "final":
+                final = chunk.final
+    if final is None:
+        raise RuntimeError("the stream ended without a final chunk")
+    elapsed = time.perf_counter() - started
+    ttft = (first - started) if first else elapsed
+    reason = common_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+    print(
+        f"\n[{reason} · {final.usage.input_tokens} in / {final.usage.output_tokens} out tokens"
+        f" · ${final.cost.total_usd_micros / 1e6:.6f} · first token {ttft * 1000:.0f} ms"
+        f" · total {elapsed * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
+    return final
+
+
+def _chat(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get("STRATA_API_KEY", "")
+    if not key:
+        print("error: no API key: pass --key or set STRATA_API_KEY", file=sys.stderr)
+        return 2
+    try:
+        stream_chat(
+            args.address, key, args.model, " ".join(args.prompt), args.system,
+            args.max_output_tokens, args.temperature,
+        )
+    except grpc.RpcError as err:
+        print(f"\nerror: {describe_error(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from services.control.keys import new_key
+
+    key, digest = new_key()
+    key_id = args.id or f"{args.tenant}-{digest[:8]}"
+    print(f"API key (shown once, give it to the client): {key}")
+    print(f"Add under tenants.{args.tenant}.keys in the tenants file:")
+    print(f"  - id: {key_id}\n    sha256: {digest}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as err:
+        print(f"{args.address}: {describe_error(err)}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from strata_cli.dev import run_dev
+
+    return run_dev(Path(args.run_dir), Path(args.models), args.prompt)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    root = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
+    commands = root.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="stream an answer from the orchestrator")
+    chat.add_argument("prompt", nargs="+", help="the user message")
+    chat.add_argument("--address", default=os.environ.get("STRATA_ADDRESS", DEFAULT_ADDRESS))
+    chat.add_argument("--key", help="API key (default: $STRATA_API_KEY)")
+    chat.add_argument("--model", default="mock-small", help="model alias (default: mock-small)")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--max-output-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.set_defaults(run=_chat)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="print a new key and the hash to configure")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--id", help="key id (default: <tenant>-<hash prefix>)")
+    create.set_defaults(run=_keys_create)
+
+    health = commands.add_parser("health", help="check a service's gRPC health")
+    health.add_argument("address")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(run=_health)
+
+    dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
+    dev.add_argument("--run-dir", default=".run")
+    dev.add_argument("--models", default="config/models.yaml")
+    dev.add_argument("--prompt", default="What does Strata do for a platform team?")
+    dev.set_defaults(run=_dev)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
