@@ -21,7 +21,6 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -40,7 +39,9 @@ def describe_error(err: grpc.RpcError) -> str:
                 detail.Unpack(info)
                 reason = info.reason
                 if info.metadata:
-                    extra = " (" + ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items())) + ")"
+                    extra = (
+                        " (" + ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items())) + ")"
+                    )
     message = err.details() if isinstance(err, grpc.Call) else str(err)
     return f"{code} {reason}: {message}{extra}".replace("  ", " ")
 
@@ -81,7 +82,9 @@ def stream_chat(
                 sys.stdout.flush()
             elif kind == "start":
                 start = chunk.start
-                status = common_pb2.CacheStatus.Name(start.cache_status).removeprefix("CACHE_STATUS_")
+                status = common_pb2.CacheStatus.Name(start.cache_status).removeprefix(
+                    "CACHE_STATUS_"
+                )
                 print(f"[{start.request_id} · {start.model} · cache {status}]", file=sys.stderr)
             elif kind == "final":
                 final = chunk.final
@@ -89,7 +92,9 @@ def stream_chat(
         raise RuntimeError("the stream ended without a final chunk")
     elapsed = time.perf_counter() - started
     ttft = (first - started) if first else elapsed
-    reason = common_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+    reason = (
+        common_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+    )
     print(
         f"\n[{reason} · {final.usage.input_tokens} in / {final.usage.output_tokens} out tokens"
         f" · ${final.cost.total_usd_micros / 1e6:.6f} · first token {ttft * 1000:.0f} ms"
@@ -106,8 +111,13 @@ def _chat(args: argparse.Namespace) -> int:
         return 2
     try:
         stream_chat(
-            args.address, key, args.model, " ".join(args.prompt), args.system,
-            args.max_output_tokens, args.temperature,
+            args.address,
+            key,
+            args.model,
+            " ".join(args.prompt),
+            args.system,
+            args.max_output_tokens,
+            args.temperature,
         )
     except grpc.RpcError as err:
         print(f"\nerror: {describe_error(err)}", file=sys.stderr)

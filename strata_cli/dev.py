@@ -8,6 +8,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -51,7 +52,10 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
         print(f"==> no Redis at {redis_url}; starting a private redis-server")
         private = PrivateRedis(run_dir / "redis").start()
         redis_url = private.url
-    ports = {name: int(os.environ.get(f"STRATA_{name.upper()}_PORT", port)) for name, port in DEFAULT_PORTS.items()}
+    ports = {
+        name: int(os.environ.get(f"STRATA_{name.upper()}_PORT", port))
+        for name, port in DEFAULT_PORTS.items()
+    }
     stack = LocalStack(run_dir, models_file.resolve(), tenants.resolve(), redis_url, ports)
     print("==> starting control, cache, executor, orchestrator (logs in .run/logs/)")
     try:
@@ -72,17 +76,16 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
             "\n==> Strata is running. In another terminal:\n"
             f"  export STRATA_API_KEY=$(cat {run_dir}/demo.key)\n"
             '  .venv/bin/strata chat "Hello, Strata"\n'
-            "  grpcurl -plaintext -H \"authorization: Bearer $STRATA_API_KEY\" -d "
-            "'{\"model\":\"mock-small\",\"messages\":[{\"role\":\"ROLE_USER\",\"content\":\"hi\"}]}' "
-            f"{stack.addresses['orchestrator']} strata.orchestrator.v1.OrchestratorService/StreamGenerate\n"
+            '  grpcurl -plaintext -H "authorization: Bearer $STRATA_API_KEY" -d '
+            '\'{"model":"mock-small","messages":[{"role":"ROLE_USER","content":"hi"}]}\' '
+            f"{stack.addresses['orchestrator']} "
+            "strata.orchestrator.v1.OrchestratorService/StreamGenerate\n"
             "Press Ctrl-C to stop."
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
         print("\n==> stopping")
     except StackError as err:
         print(f"error: {err}", file=sys.stderr)

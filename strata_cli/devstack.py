@@ -33,7 +33,9 @@ class StackError(RuntimeError):
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
     """True when a Redis server answers PING at `url`."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         try:
             return bool(client.ping())
         finally:
@@ -69,9 +71,19 @@ class PrivateRedis:
         self.port = free_port()
         self.process = subprocess.Popen(
             [
-                binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.directory),
-                "--logfile", str(self.directory / "redis.log"),
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -94,7 +106,9 @@ class PrivateRedis:
                 self.process.wait()
 
 
-def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Blocks until the gRPC health check at `address` answers SERVING."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -172,7 +186,9 @@ class LocalStack:
         """Starts control, cache and executor, then the orchestrator pointed at them."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            self._spawn("control", {"REDIS_URL": self.redis_url, "TENANTS_FILE": str(self.tenants_file)})
+            self._spawn(
+                "control", {"REDIS_URL": self.redis_url, "TENANTS_FILE": str(self.tenants_file)}
+            )
             self._spawn("cache", {"REDIS_URL": self.redis_url})
             self._spawn("executor", {"MODELS_FILE": str(self.models_file)})
             for service in ("control", "cache", "executor"):

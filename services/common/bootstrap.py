@@ -10,6 +10,7 @@ clients close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -113,6 +114,8 @@ class RunningServer:
             return
         self._stopped = True
         self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
         await self.health.enter_graceful_shutdown()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         await self.server.stop(grace)
@@ -162,7 +165,9 @@ def _write_atomically(path: Path, text: str) -> None:
 _Settings = TypeVar("_Settings", bound=ServiceSettings)
 
 
-def main(name: str, settings_class: type[_Settings], build: Callable[[_Settings], Awaitable[Service]]) -> None:
+def main(
+    name: str, settings_class: type[_Settings], build: Callable[[_Settings], Awaitable[Service]]
+) -> None:
     """Entry point of `python -m services.<name>`: settings from the environment, then `run`."""
     settings = load_settings(settings_class)
     try:
@@ -171,7 +176,9 @@ def main(name: str, settings_class: type[_Settings], build: Callable[[_Settings]
         sys.exit(f"{name}: {err}")
 
 
-async def run(name: str, settings: ServiceSettings, build: Callable[[], Awaitable[Service]]) -> None:
+async def run(
+    name: str, settings: ServiceSettings, build: Callable[[], Awaitable[Service]]
+) -> None:
     """Runs a service until SIGTERM or SIGINT, then drains it."""
     logs.configure(name, settings.log_level)
     service = await build()
@@ -184,4 +191,3 @@ async def run(name: str, settings: ServiceSettings, build: Callable[[], Awaitabl
     await stop.wait()
     log.info("%s draining (grace %.1fs)", service.name, settings.shutdown_grace_s)
     await running.stop()
-

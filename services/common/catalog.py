@@ -24,9 +24,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from strata.common.v1 import common_pb2
 
 from services.common.settings import ConfigError
-from strata.common.v1 import common_pb2
 
 
 class _Strict(BaseModel):
@@ -149,7 +149,7 @@ def load_catalog(path: Path) -> Catalog:
     """Reads and validates a models file."""
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read models file {path}: {err}") from err
     try:
         return Catalog.model_validate(raw)

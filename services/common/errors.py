@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -145,16 +144,18 @@ class _RetryAfter(StrataError):
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         meta = dict(metadata or {})
-        if retry_after_s is not None:
-            meta["retry_after_ms"] = str(math.ceil(retry_after_s * 1000))
+        # Whole microseconds first, so float noise never rounds a delay up a unit.
+        self.retry_after_us = None if retry_after_s is None else round(retry_after_s * 1e6)
+        if self.retry_after_us is not None:
+            meta["retry_after_ms"] = str(-(-self.retry_after_us // 1000))
         super().__init__(message, reason=reason, metadata=meta)
         self.retry_after_s = retry_after_s
 
     def details(self) -> list[Any]:
-        if self.retry_after_s is None:
+        if self.retry_after_us is None:
             return []
         delay = duration_pb2.Duration()
-        delay.FromNanoseconds(math.ceil(self.retry_after_s * 1e9))
+        delay.FromMicroseconds(self.retry_after_us)
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
@@ -299,7 +300,9 @@ def unary_handler(
     """Wraps a unary handler: binds the request id for logs and maps errors to a status."""
 
     @functools.wraps(handler)
-    async def wrapper(self: _S, request: _Req, context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
+    async def wrapper(
+        self: _S, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Resp:
         bind_request_id(_request_id(context))
         try:
             return await handler(self, request, context)
@@ -316,14 +319,14 @@ def unary_handler(
 
 
 def stream_handler(
-    handler: Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]],
-) -> Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]]:
+    handler: Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[_Resp, None]],
+) -> Callable[[_S, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[_Resp, None]]:
     """Wraps a server-streaming handler the same way as `unary_handler`."""
 
     @functools.wraps(handler)
     async def wrapper(
         self: _S, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_Resp]:
+    ) -> AsyncGenerator[_Resp, None]:
         bind_request_id(_request_id(context))
         try:
             async for message in handler(self, request, context):

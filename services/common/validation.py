@@ -10,9 +10,10 @@ import math
 import re
 from collections.abc import Sequence
 
+from strata.common.v1 import common_pb2
+
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import FieldViolation, ModelNotFound, RequestInvalid
-from strata.common.v1 import common_pb2
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_STOP_SEQUENCES = 4
@@ -70,9 +71,7 @@ def _check_params(params: common_pb2.GenerationParams) -> list[FieldViolation]:
     if params.HasField("max_output_tokens") and params.max_output_tokens <= 0:
         violations.append(FieldViolation("params.max_output_tokens", "must be greater than 0"))
     if len(params.stop) > MAX_STOP_SEQUENCES:
-        violations.append(
-            FieldViolation("params.stop", f"at most {MAX_STOP_SEQUENCES} sequences")
-        )
+        violations.append(FieldViolation("params.stop", f"at most {MAX_STOP_SEQUENCES} sequences"))
     if any(not s for s in params.stop):
         violations.append(FieldViolation("params.stop", "sequences must not be empty"))
     return violations

@@ -92,14 +92,16 @@ class KeyRing:
     def __init__(self, tenants: TenantsFile) -> None:
         self._by_hash: dict[str, ApiKey] = {}
         self._by_id: dict[tuple[str, str], ApiKey] = {}
+        hashes: set[str] = set()
         for tenant_id, tenant in tenants.tenants.items():
             if not _valid_id(tenant_id):
                 raise ValueError(f"tenant id {tenant_id!r} must match {_ID}")
             for key in tenant.keys:
                 if (tenant_id, key.id) in self._by_id:
                     raise ValueError(f"tenant {tenant_id!r} has two keys with id {key.id!r}")
-                if key.sha256 in self._by_hash:
+                if key.sha256 in hashes:
                     raise ValueError(f"key {tenant_id}/{key.id} repeats another key's hash")
+                hashes.add(key.sha256)
                 record = ApiKey(
                     tenant_id=tenant_id,
                     key_id=key.id,

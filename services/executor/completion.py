@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+
+from strata.common.v1 import common_pb2
 
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import RequestInvalid
 from services.common.validation import check_generation
 from services.executor.providers.base import Completion, Event, Provider, ProviderRequest
-from strata.common.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -37,7 +38,7 @@ class Execution:
         """The model that answers."""
         return self.request.model
 
-    async def stream(self) -> AsyncIterator[Event]:
+    async def stream(self) -> AsyncGenerator[Event, None]:
         """The provider's events; the upstream call is closed when this iterator is."""
         async with aclosing(self.provider.stream(self.request)) as events:
             async for event in events:
@@ -46,6 +47,10 @@ class Execution:
     async def complete(self) -> Completion:
         """The whole answer."""
         return await self.provider.complete(self.request)
+
+
+def _page_token(last_alias: str) -> str:
+    return base64.urlsafe_b64encode(last_alias.encode()).decode()
 
 
 class Executor:
@@ -85,12 +90,15 @@ class Executor:
         if page_token:
             try:
                 after = base64.urlsafe_b64decode(page_token.encode()).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError) as err:
-                raise RequestInvalid.field("page_token", "is not a token this API gave") from err
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                after = None
+            # The decoder skips stray characters; only a token this API made round-trips.
+            if after is None or _page_token(after) != page_token:
+                raise RequestInvalid.field("page_token", "is not a token this API gave")
             start = next((i for i, a in enumerate(self._aliases) if a > after), len(self._aliases))
         page = self._aliases[start : start + size]
         more = start + size < len(self._aliases)
-        token = base64.urlsafe_b64encode(page[-1].encode()).decode() if more and page else ""
+        token = _page_token(page[-1]) if more and page else ""
         return [self._catalog.models[a] for a in page], token
 
     async def aclose(self) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
 from services.common.errors import stream_handler, unary_handler
 from services.executor.completion import Executor
 from services.executor.providers.base import Accepted, TextDelta
-from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Chunk = executor_pb2.StreamCompleteResponse
 
@@ -62,7 +62,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self,
         request: executor_pb2.StreamCompleteRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[executor_pb2.StreamCompleteResponse]:
+    ) -> AsyncGenerator[executor_pb2.StreamCompleteResponse, None]:
         execution = self._executor.prepare(
             request.request_id,
             request.model,

@@ -7,16 +7,16 @@ failure becomes the StrataError to raise, with the downstream reason unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 import grpc
-
-from services.common.calls import Deadline, request_metadata
-from services.common.errors import from_rpc_error
 from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 from strata.control.v1 import control_pb2, control_pb2_grpc
 from strata.executor.v1 import executor_pb2, executor_pb2_grpc
+
+from services.common.calls import Deadline, request_metadata
+from services.common.errors import from_rpc_error
 
 _Resp = TypeVar("_Resp")
 
@@ -34,7 +34,9 @@ async def _unary(dependency: str, call: Awaitable[_Resp]) -> _Resp:
 class ControlClient:
     """Admission and settlement."""
 
-    def __init__(self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float
+    ) -> None:
         self._stub = control_pb2_grpc.ControlServiceStub(channel)
         self._admit_timeout_s = admit_timeout_s
         self._settle_timeout_s = settle_timeout_s
@@ -79,7 +81,9 @@ class CacheClient:
         return await _unary(
             "cache",
             self._stub.Lookup(
-                request, timeout=deadline.cap(self._timeout_s), metadata=request_metadata(request_id)
+                request,
+                timeout=deadline.cap(self._timeout_s),
+                metadata=request_metadata(request_id),
             ),
         )
 
@@ -114,7 +118,7 @@ class ExecutorClient:
 
     async def stream(
         self, request: executor_pb2.StreamCompleteRequest, deadline: Deadline
-    ) -> AsyncIterator[executor_pb2.StreamCompleteResponse]:
+    ) -> AsyncGenerator[executor_pb2.StreamCompleteResponse, None]:
         """The executor's chunks; closing this iterator cancels the executor call."""
         call = self._stub.StreamComplete(
             request, timeout=deadline.remaining(), metadata=request_metadata(request.request_id)
@@ -126,4 +130,3 @@ class ExecutorClient:
             raise from_rpc_error(err, "executor") from None
         finally:
             call.cancel()
-

@@ -19,9 +19,15 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+
+from strata.cache.v1 import cache_pb2
+from strata.common.v1 import common_pb2
+from strata.control.v1 import control_pb2
+from strata.executor.v1 import executor_pb2
+from strata.orchestrator.v1 import orchestrator_pb2
 
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
@@ -29,11 +35,6 @@ from services.common.errors import RequestInvalid, StrataError, StreamInterrupte
 from services.common.logs import bind_request_id
 from services.common.validation import check_generation, check_request_id, estimate_input_tokens
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
-from strata.cache.v1 import cache_pb2
-from strata.common.v1 import common_pb2
-from strata.control.v1 import control_pb2
-from strata.executor.v1 import executor_pb2
-from strata.orchestrator.v1 import orchestrator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,16 @@ REPLAY_CHUNK_CHARS = 64
 """A cached answer streams back in pieces of this many characters, like a live one."""
 TENANT_MEMO_SIZE = 10_000
 
-_READS = {common_pb2.CACHE_MODE_UNSPECIFIED, common_pb2.CACHE_MODE_READ_WRITE, common_pb2.CACHE_MODE_READ_ONLY}
-_WRITES = {common_pb2.CACHE_MODE_UNSPECIFIED, common_pb2.CACHE_MODE_READ_WRITE, common_pb2.CACHE_MODE_WRITE_ONLY}
+_READS = {
+    common_pb2.CACHE_MODE_UNSPECIFIED,
+    common_pb2.CACHE_MODE_READ_WRITE,
+    common_pb2.CACHE_MODE_READ_ONLY,
+}
+_WRITES = {
+    common_pb2.CACHE_MODE_UNSPECIFIED,
+    common_pb2.CACHE_MODE_READ_WRITE,
+    common_pb2.CACHE_MODE_WRITE_ONLY,
+}
 _STORABLE = {common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH}
 
 
@@ -54,17 +63,17 @@ class Started:
 
     request_id: str
     model: str
-    cache_status: common_pb2.CacheStatus.ValueType
+    cache_status: common_pb2.CacheStatus
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The last event of a complete answer."""
 
-    finish_reason: common_pb2.FinishReason.ValueType
+    finish_reason: common_pb2.FinishReason
     usage: common_pb2.Usage
     cost: common_pb2.Cost
-    cache_status: common_pb2.CacheStatus.ValueType
+    cache_status: common_pb2.CacheStatus
 
 
 Event = Started | str | Finished
@@ -75,11 +84,11 @@ Event = Started | str | Finished
 class _Tally:
     """What a request has used so far, for its settlement."""
 
-    cache_status: common_pb2.CacheStatus.ValueType
+    cache_status: common_pb2.CacheStatus
     model: str = ""
-    outcome: control_pb2.Outcome.ValueType = control_pb2.OUTCOME_FAILURE
+    outcome: control_pb2.Outcome = control_pb2.OUTCOME_FAILURE
     accepted: bool = False
-    finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
+    finish_reason: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED
     output_bytes: int = 0
     usage: common_pb2.Usage | None = None
     cost: common_pb2.Cost | None = None
@@ -105,7 +114,7 @@ class Generator:
 
     async def generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Events of one request; raises StrataError with the reason when it fails."""
         config, max_output = check_generation(
             self._catalog, request.model, request.messages, request.params
@@ -166,7 +175,7 @@ class Generator:
         max_output: int,
         deadline: Deadline,
         reads: bool,
-    ) -> tuple[control_pb2.AdmitResponse, cache_pb2.CachedAnswer | None, common_pb2.CacheStatus.ValueType]:
+    ) -> tuple[control_pb2.AdmitResponse, cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
         fingerprint = hashlib.sha256(api_key.encode()).digest()
         predicted = self._tenant_of_key.get(fingerprint) if reads else None
         early = (
@@ -205,7 +214,7 @@ class Generator:
 
     async def _lookup(
         self, request: GenerateRequest, tenant_id: str, request_id: str, deadline: Deadline
-    ) -> tuple[cache_pb2.CachedAnswer | None, common_pb2.CacheStatus.ValueType]:
+    ) -> tuple[cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
         """The cached answer and the cache status; a failing cache counts as a miss."""
         try:
             found = await self._cache.lookup(
@@ -231,11 +240,14 @@ class Generator:
         deadline: Deadline,
         tally: _Tally,
         stream: bool,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         if not stream:
             answer = await self._executor.complete(
                 executor_pb2.CompleteRequest(
-                    request_id=request_id, model=model, messages=request.messages, params=request.params
+                    request_id=request_id,
+                    model=model,
+                    messages=request.messages,
+                    params=request.params,
                 ),
                 deadline,
             )

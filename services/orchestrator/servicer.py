@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 import grpc
+from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from services.common.calls import Deadline
 from services.common.errors import ApiKeyInvalid, stream_handler, unary_handler
 from services.orchestrator.generation import Finished, Generator, Started
-from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 _Chunk = orchestrator_pb2.StreamGenerateResponse
 
@@ -67,7 +67,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self,
         request: orchestrator_pb2.StreamGenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[orchestrator_pb2.StreamGenerateResponse]:
+    ) -> AsyncGenerator[orchestrator_pb2.StreamGenerateResponse, None]:
         events = self._generator.generate(
             request,
             bearer_key(context),

@@ -8,13 +8,14 @@ decides that.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from strata.common.v1 import common_pb2
+
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
-from strata.common.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class TextDelta:
 class Finished:
     """The answer is complete."""
 
-    finish_reason: common_pb2.FinishReason.ValueType
+    finish_reason: common_pb2.FinishReason
     usage: common_pb2.Usage
     provider_model: str
 
@@ -59,7 +60,7 @@ class Completion:
     """A whole answer."""
 
     text: str
-    finish_reason: common_pb2.FinishReason.ValueType
+    finish_reason: common_pb2.FinishReason
     usage: common_pb2.Usage
     provider_model: str
 
@@ -67,7 +68,7 @@ class Completion:
 class Provider(Protocol):
     """A model provider adapter."""
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
         """Streams the answer; closing the iterator early closes the upstream call."""
         ...
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+
+from strata.common.v1 import common_pb2
 
 from services.common.errors import (
     ProviderProtocolError,
@@ -37,7 +39,6 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
 )
-from strata.common.v1 import common_pb2
 
 _SENTENCES = (
     "Strata admits the request, looks in the cache, then streams the answer from a model.",
@@ -70,8 +71,12 @@ def _words(request: ProviderRequest) -> list[str]:
     return words
 
 
-def _answer(request: ProviderRequest) -> tuple[list[str], common_pb2.FinishReason.ValueType]:
-    """The words of the answer and why it ends (limit or stop sequence)."""
+def _answer(request: ProviderRequest) -> tuple[list[str], common_pb2.FinishReason]:
+    """The words of the answer and why it ends (limit or stop sequence).
+
+    Joined with single spaces the words give the exact text; a text cut by a stop sequence
+    right after a space ends in an empty word, which is sent but is not a token.
+    """
     words = _words(request)
     finish = common_pb2.FINISH_REASON_STOP
     if len(words) > request.max_output_tokens:
@@ -94,7 +99,7 @@ def _input_tokens(request: ProviderRequest) -> int:
 class MockProvider:
     """A provider that answers from the prompt alone."""
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
         behaviour = request.model.upstream_model
         options = request.model.options
         if behaviour == "rate-limited":
@@ -130,7 +135,9 @@ class MockProvider:
             raise StreamInterrupted("mock provider's stream broke before its end")
         yield Finished(
             finish_reason=finish,
-            usage=common_pb2.Usage(input_tokens=_input_tokens(request), output_tokens=len(words)),
+            usage=common_pb2.Usage(
+                input_tokens=_input_tokens(request), output_tokens=sum(1 for w in words if w)
+            ),
             provider_model=f"mock/{behaviour}",
         )
 
@@ -140,7 +147,9 @@ class MockProvider:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
             elif isinstance(event, Finished):
-                return Completion("".join(parts), event.finish_reason, event.usage, event.provider_model)
+                return Completion(
+                    "".join(parts), event.finish_reason, event.usage, event.provider_model
+                )
         raise StreamInterrupted("mock provider ended without an answer")
 
     async def aclose(self) -> None:

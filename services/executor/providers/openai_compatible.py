@@ -13,12 +13,13 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
+from strata.common.v1 import common_pb2
 
 from services.common.catalog import OpenAICompatibleProviderConfig
 from services.common.errors import (
@@ -40,7 +41,6 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
 )
-from strata.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def _api_key(name: str, config: OpenAICompatibleProviderConfig) -> str | None:
     if config.api_key_env is not None:
         key = os.environ.get(config.api_key_env)
         if not key:
-            raise ConfigError(f"provider {name!r}: environment variable {config.api_key_env} is not set")
+            raise ConfigError(
+                f"provider {name!r}: environment variable {config.api_key_env} is not set"
+            )
         return key
     return None
 
@@ -160,15 +162,21 @@ def status_error(provider: str, response: httpx.Response, body: bytes) -> Provid
 
 
 def _usage(raw: Any) -> common_pb2.Usage | None:
+    """The reported usage, or None when it is missing or incomplete (then it is estimated)."""
     if not isinstance(raw, dict):
         return None
-    try:
-        return common_pb2.Usage(
-            input_tokens=int(raw.get("prompt_tokens") or 0),
-            output_tokens=int(raw.get("completion_tokens") or 0),
-        )
-    except (TypeError, ValueError):
+    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
+    return common_pb2.Usage(input_tokens=prompt, output_tokens=completion)
+
+
+def _delta_text(provider: str, choice: dict[str, Any]) -> str | None:
+    delta = choice.get("delta") or {}
+    text = delta.get("content") if isinstance(delta, dict) else delta
+    if not isinstance(delta, dict) or (text is not None and not isinstance(text, str)):
+        raise ProviderProtocolError(f"provider {provider!r} sent a delta that is not text")
+    return text
 
 
 def _estimated_usage(request: ProviderRequest, text: str) -> common_pb2.Usage:
@@ -213,9 +221,9 @@ class OpenAICompatibleProvider:
             pool=remaining,
         )
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
         parts: list[str] = []
-        finish: common_pb2.FinishReason.ValueType | None = None
+        finish: common_pb2.FinishReason | None = None
         usage: common_pb2.Usage | None = None
         provider_model = request.model.upstream_model
         accepted = False
@@ -225,7 +233,8 @@ class OpenAICompatibleProvider:
                 "POST",
                 "chat/completions",
                 json=chat_body(request, stream=True),
-                headers=request.model.headers,
+                # a copy: the SSE helper adds its own headers to the dict it is given
+                headers=dict(request.model.headers),
                 timeout=self._timeout(request),
             ) as source:
                 response = source.response
@@ -235,6 +244,8 @@ class OpenAICompatibleProvider:
                 accepted = True
                 yield Accepted()
                 async for sse in source.aiter_sse():
+                    if not sse.data:
+                        continue  # comments and keep-alive events carry no data
                     if sse.data == "[DONE]":
                         break
                     try:
@@ -255,7 +266,7 @@ class OpenAICompatibleProvider:
                     for choice in chunk.get("choices") or ():
                         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                             continue
-                        text = (choice.get("delta") or {}).get("content")
+                        text = _delta_text(self.name, choice)
                         if text:
                             parts.append(text)
                             yield TextDelta(text)
@@ -264,7 +275,11 @@ class OpenAICompatibleProvider:
                             finish = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
         except httpx.TimeoutException as err:
             raise ProviderTimeout(f"provider {self.name!r} did not answer in time") from err
-        except (httpx.TransportError, SSEError) as err:
+        except SSEError as err:
+            raise ProviderProtocolError(
+                f"provider {self.name!r} answered a stream request without an event stream"
+            ) from err
+        except httpx.TransportError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err
             raise ProviderUnavailable(f"provider {self.name!r} is unreachable") from err
@@ -293,9 +308,13 @@ class OpenAICompatibleProvider:
             body = response.json()
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
-            finish = FINISH_REASONS.get(choice.get("finish_reason") or "stop", common_pb2.FINISH_REASON_STOP)
+            finish = FINISH_REASONS.get(
+                choice.get("finish_reason") or "stop", common_pb2.FINISH_REASON_STOP
+            )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            raise ProviderProtocolError(f"provider {self.name!r} sent an unreadable answer") from err
+            raise ProviderProtocolError(
+                f"provider {self.name!r} sent an unreadable answer"
+            ) from err
         usage = _usage(body.get("usage"))
         if usage is None:
             log.warning("provider %r reported no usage; estimating it", self.name)

@@ -1,0 +1,20 @@
+# One image for the four services; the command picks the service:
+#   docker run strata python -m services.orchestrator
+FROM python:3.11-slim
+
+WORKDIR /app
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY pyproject.toml ./
+COPY gen ./gen
+COPY services ./services
+COPY strata_cli ./strata_cli
+COPY config ./config
+RUN pip install --no-deps . && useradd --uid 10001 --no-create-home strata
+
+USER strata
+EXPOSE 50051 50052 50053 50054
+CMD ["python", "-m", "services.orchestrator"]

@@ -1,0 +1,144 @@
+"""Fixtures shared by every test layer: a real Redis, tenants with keys, models, an upstream.
+
+Redis: $STRATA_TEST_REDIS_URL when set; else database 15 of the Redis on 127.0.0.1:6379
+when it answers; else a private `redis-server` started for the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from services.control.keys import new_key
+from strata_cli.devstack import PrivateRedis, redis_answers
+from tests.fakes.openai_upstream import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DB = 15
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the session's tests."""
+    explicit = os.environ.get("STRATA_TEST_REDIS_URL")
+    local = f"redis://127.0.0.1:6379/{TEST_DB}"
+    if explicit:
+        yield explicit
+    elif redis_answers(local):
+        yield local
+    else:
+        server = PrivateRedis(tmp_path_factory.mktemp("redis")).start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test Redis, emptied before the test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Clear API keys of the test tenants, by key id."""
+
+    acme: str
+    """acme/acme-main: generous limits."""
+    acme_second: str
+    """acme/acme-second: another key of the same tenant."""
+    tight: str
+    """acme/acme-tight: 3 requests per minute."""
+    tokens: str
+    """acme/acme-tokens: 1000 tokens per minute."""
+    disabled: str
+    """acme/acme-off: disabled."""
+    globex: str
+    """globex/globex-main: another tenant."""
+
+
+@pytest.fixture(scope="session")
+def keys_and_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[ApiKeys, Path]:
+    made = {
+        name: new_key() for name in ("acme", "acme_second", "tight", "tokens", "disabled", "globex")
+    }
+
+    def entry(key_id: str, name: str, **limits: object) -> dict[str, object]:
+        return {"id": key_id, "sha256": made[name][1], **limits}
+
+    tenants = {
+        "tenants": {
+            "acme": {
+                "name": "Acme",
+                "keys": [
+                    entry("acme-main", "acme", requests_per_minute=10_000, tokens_per_minute=0),
+                    entry("acme-second", "acme_second", requests_per_minute=10_000),
+                    entry("acme-tight", "tight", requests_per_minute=3),
+                    entry("acme-tokens", "tokens", tokens_per_minute=1000),
+                    entry("acme-off", "disabled", disabled=True),
+                ],
+            },
+            "globex": {"keys": [entry("globex-main", "globex")]},
+        }
+    }
+    path = tmp_path_factory.mktemp("config") / "tenants.yaml"
+    path.write_text(yaml.safe_dump(tenants))
+    return ApiKeys(**{name: key for name, (key, _) in made.items()}), path
+
+
+@pytest.fixture(scope="session")
+def test_keys(keys_and_file: tuple[ApiKeys, Path]) -> ApiKeys:
+    return keys_and_file[0]
+
+
+@pytest.fixture(scope="session")
+def tenants_file(keys_and_file: tuple[ApiKeys, Path]) -> Path:
+    return keys_and_file[1]
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeOpenAI]:
+    """The fake OpenAI-compatible server, for the whole session."""
+    server = FakeOpenAI().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+UPSTREAM_MODELS = ("fake-ok", "fake-slow", "fake-500", "fake-429", "fake-cut")
+
+
+@pytest.fixture(scope="session")
+def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -> Path:
+    """config/models.yaml plus `up-*` aliases served by the fake upstream."""
+    catalog = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())
+    catalog["providers"]["fake"] = {
+        "kind": "openai_compatible",
+        "base_url": upstream.base_url,
+        "headers": {"x-strata-test": "1"},
+    }
+    for name in UPSTREAM_MODELS:
+        catalog["models"]["up-" + name.removeprefix("fake-")] = {
+            "provider": "fake",
+            "upstream_model": name,
+            "input_usd_per_million_tokens": "2.5",
+            "output_usd_per_million_tokens": "10",
+            "max_output_tokens": 2048,
+            "context_window": 32_000,
+        }
+    path = tmp_path_factory.mktemp("config") / "models.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    return path

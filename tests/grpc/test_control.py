@@ -1,0 +1,197 @@
+"""The control service through real stubs, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from strata.common.v1 import common_pb2
+from strata.control.v1 import control_pb2
+
+from tests.conftest import ApiKeys
+from tests.grpc.conftest import Served
+from tests.helpers import rich_error, usage_record
+
+
+def admit_request(key: str, tokens_in: int = 10, tokens_out: int = 20, **kw: Any):
+    return control_pb2.AdmitRequest(
+        request_id=str(kw.pop("request_id", uuid.uuid4().hex)),
+        api_key=key,
+        model="mock-small",
+        estimated_input_tokens=tokens_in,
+        max_output_tokens=tokens_out,
+    )
+
+
+def settle_request(
+    admitted: control_pb2.AdmitResponse, request_id: str, used_in: int, used_out: int
+):
+    return control_pb2.SettleRequest(
+        request_id=request_id,
+        tenant_id=admitted.tenant_id,
+        key_id=admitted.key_id,
+        outcome=control_pb2.OUTCOME_SUCCESS,
+        model="mock-small",
+        usage=common_pb2.Usage(input_tokens=used_in, output_tokens=used_out),
+        cost=common_pb2.Cost(input_usd_micros=3, output_usd_micros=4, total_usd_micros=7),
+        cache_status=common_pb2.CACHE_STATUS_MISS,
+    )
+
+
+async def test_admit_names_the_tenant_and_key_and_plans_the_model(
+    control: Served, test_keys: ApiKeys
+) -> None:
+    reply = await control.stub.Admit(admit_request(test_keys.acme))
+    assert (reply.tenant_id, reply.key_id) == ("acme", "acme-main")
+    assert [c.model for c in reply.plan] == ["mock-small"]
+    assert reply.reserved_tokens == 30
+
+
+@pytest.mark.parametrize("which", ["unknown", "disabled", "malformed"])
+async def test_bad_keys_are_unauthenticated(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis, which: str
+) -> None:
+    key = {
+        "unknown": "sk-strata-" + "x" * 43,
+        "disabled": test_keys.disabled,
+        "malformed": "hello",
+    }[which]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Admit(admit_request(key))
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert (error.reason, error.domain) == ("API_KEY_INVALID", "strata")
+    assert key not in error.message
+    assert redis_db.dbsize() == 0
+
+
+async def test_request_limit_refuses_with_retry_delay(control: Served, test_keys: ApiKeys) -> None:
+    for _ in range(3):
+        await control.stub.Admit(admit_request(test_keys.tight))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Admit(admit_request(test_keys.tight))
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == "RATE_LIMITED"
+    assert error.metadata["limit"] == "requests_per_minute"
+    assert error.metadata["limit_value"] == "3"
+    # 3 per minute: the next slot opens about 20 s after the first request.
+    assert error.retry_delay_s is not None and 15 < error.retry_delay_s <= 20
+
+
+async def test_limits_hold_under_concurrent_admits(control: Served, test_keys: ApiKeys) -> None:
+    results = await asyncio.gather(
+        *(control.stub.Admit(admit_request(test_keys.tight)) for _ in range(12)),
+        return_exceptions=True,
+    )
+    admitted = [r for r in results if isinstance(r, control_pb2.AdmitResponse)]
+    refused = [rich_error(r).reason for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(admitted) == 3
+    assert refused == ["RATE_LIMITED"] * 9
+
+
+async def test_token_limit_counts_reserved_tokens(control: Served, test_keys: ApiKeys) -> None:
+    await control.stub.Admit(admit_request(test_keys.tokens, 300, 300))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Admit(admit_request(test_keys.tokens, 300, 300))
+    error = rich_error(caught.value)
+    assert (error.reason, error.metadata["limit"]) == ("RATE_LIMITED", "tokens_per_minute")
+    assert error.retry_delay_s is not None and error.retry_delay_s > 0
+
+
+async def test_settlement_returns_unused_tokens(control: Served, test_keys: ApiKeys) -> None:
+    request_id = uuid.uuid4().hex
+    admitted = await control.stub.Admit(
+        admit_request(test_keys.tokens, 300, 600, request_id=request_id)
+    )
+    # 900 of 1000 reserved: another 300 does not fit until the unused 800 come back.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await control.stub.Admit(admit_request(test_keys.tokens, 100, 200))
+    await control.stub.Settle(settle_request(admitted, request_id, 60, 40))
+    await control.stub.Admit(admit_request(test_keys.tokens, 300, 500))
+
+
+async def test_request_larger_than_the_token_limit_is_refused_outright(
+    control: Served, test_keys: ApiKeys
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Admit(admit_request(test_keys.tokens, 900, 200))
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == "REQUEST_EXCEEDS_LIMIT"
+    assert error.retry_delay_s is None
+
+
+async def test_admit_is_idempotent_by_request_id(control: Served, test_keys: ApiKeys) -> None:
+    request = admit_request(test_keys.tight)
+    replies = [await control.stub.Admit(request) for _ in range(5)]
+    assert {r.reserved_tokens for r in replies} == {30}
+    # The repeats reserved nothing: two more distinct requests still fit in 3/minute.
+    await control.stub.Admit(admit_request(test_keys.tight))
+    await control.stub.Admit(admit_request(test_keys.tight))
+
+
+async def test_settle_records_usage_once(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    request_id = uuid.uuid4().hex
+    admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
+    settle = settle_request(admitted, request_id, 11, 22)
+    replies = await asyncio.gather(*(control.stub.Settle(settle) for _ in range(4)))
+    assert sorted(r.applied for r in replies) == [False, False, False, True]
+    usage = usage_record(redis_db)
+    assert usage["requests"] == 1
+    assert (usage["input_tokens"], usage["output_tokens"], usage["cost_usd_micros"]) == (11, 22, 7)
+    assert usage["model:mock-small:input_tokens"] == 11
+    assert usage_record(redis_db, key_id="acme-main")["output_tokens"] == 22
+    assert not redis_db.exists(f"strata:{{t:acme}}:resv:{request_id}")
+
+
+async def test_every_state_key_expires(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    request_id = uuid.uuid4().hex
+    admitted = await control.stub.Admit(admit_request(test_keys.tight, request_id=request_id))
+    await control.stub.Admit(admit_request(test_keys.tokens))
+    await control.stub.Settle(settle_request(admitted, request_id, 1, 1))
+    for key in redis_db.scan_iter("strata:*"):
+        if b":usage" in key:
+            continue  # usage totals are the record, kept on purpose
+        assert redis_db.ttl(key) > 0, key
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"request_id": "has space"}, "request_id"),
+        ({"model": ""}, "model"),
+        ({"estimated_input_tokens": 0}, "estimated_input_tokens"),
+        ({"max_output_tokens": -1}, "max_output_tokens"),
+    ],
+)
+async def test_invalid_admit_changes_nothing(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis, change: dict, field: str
+) -> None:
+    request = admit_request(test_keys.acme)
+    for name, value in change.items():
+        setattr(request, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Admit(request)
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_INVALID")
+    assert error.field_violations == [field]
+    assert redis_db.dbsize() == 0
+
+
+async def test_health_serves_once_redis_answers(control: Served) -> None:
+    stub = health_pb2_grpc.HealthStub(control.channel)
+    request = health_pb2.HealthCheckRequest(service="strata.control.v1.ControlService")
+    async with asyncio.timeout(5):
+        async for reply in stub.Watch(request):
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break

@@ -1,0 +1,265 @@
+"""The public API through real stubs, with control, cache and executor served in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from strata.common.v1 import common_pb2
+from strata.orchestrator.v1 import orchestrator_pb2
+
+from tests.conftest import ApiKeys
+from tests.grpc.conftest import Served
+from tests.helpers import bearer, rich_error, usage_record, user
+
+MISS, HIT = common_pb2.CACHE_STATUS_MISS, common_pb2.CACHE_STATUS_HIT
+
+
+def ask(text: str | None = None, model: str = "mock-fast", **kw: Any):
+    params = kw.pop("params", {})
+    assert isinstance(params, dict)
+    return orchestrator_pb2.StreamGenerateRequest(
+        model=model,
+        messages=[user(text or f"question {uuid.uuid4().hex}")],
+        params=common_pb2.GenerationParams(**params),
+        **kw,
+    )
+
+
+async def stream(orchestrator: Served, key: str, request, timeout: float = 10):
+    return [
+        c
+        async for c in orchestrator.stub.StreamGenerate(
+            request, metadata=bearer(key), timeout=timeout
+        )
+    ]
+
+
+def text_of(chunks) -> str:
+    return "".join(c.delta.text for c in chunks if c.HasField("delta"))
+
+
+async def failure(orchestrator: Served, key: str, request, timeout: float = 10):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream(orchestrator, key, request, timeout)
+    return rich_error(caught.value)
+
+
+async def test_streams_start_deltas_final_then_hits_the_cache(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    request = ask(request_id="client-chosen-1")
+    first = await stream(orchestrator, test_keys.acme, request)
+    kinds = [c.WhichOneof("chunk") for c in first]
+    assert kinds[0] == "start" and kinds[-1] == "final" and set(kinds[1:-1]) == {"delta"}
+    start, final = first[0].start, first[-1].final
+    assert (start.request_id, start.model, start.cache_status) == (
+        "client-chosen-1",
+        "mock-fast",
+        MISS,
+    )
+    assert final.cache_status == MISS and final.cost.total_usd_micros > 0
+
+    request.request_id = ""
+    second = await stream(orchestrator, test_keys.acme, request)
+    assert second[0].start.cache_status == HIT and second[-1].final.cache_status == HIT
+    assert text_of(second) == text_of(first)
+    assert second[-1].final.usage == final.usage
+    assert second[-1].final.cost.total_usd_micros == 0
+    assert second[0].start.request_id not in ("", "client-chosen-1")
+
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["cache_hits"]) == (2, 1)
+    assert usage["output_tokens"] == final.usage.output_tokens
+    assert usage["cost_usd_micros"] == final.cost.total_usd_micros
+
+
+async def test_unary_generate_matches_the_stream(orchestrator: Served, test_keys: ApiKeys) -> None:
+    request = ask(params={"seed": 11})
+    chunks = await stream(orchestrator, test_keys.acme, request)
+    reply = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(
+            model=request.model, messages=request.messages, params=request.params
+        ),
+        metadata=bearer(test_keys.acme),
+    )
+    assert reply.text == text_of(chunks)
+    assert reply.cache_status == HIT
+    fresh = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(model="mock-fast", messages=[user("unary only")]),
+        metadata=bearer(test_keys.acme),
+    )
+    assert fresh.cache_status == MISS and fresh.text.startswith("Mock answer")
+    assert fresh.usage.output_tokens > 0 and fresh.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_the_cache_is_shared_by_a_tenant_and_never_crosses_tenants(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    request = ask()
+    await stream(orchestrator, test_keys.acme, request)
+    same_tenant = await stream(orchestrator, test_keys.acme_second, request)
+    other_tenant = await stream(orchestrator, test_keys.globex, request)
+    assert same_tenant[0].start.cache_status == HIT
+    assert other_tenant[0].start.cache_status == MISS
+
+
+async def test_cache_policy_modes(orchestrator: Served, test_keys: ApiKeys) -> None:
+    def with_mode(request, mode):
+        copy = orchestrator_pb2.StreamGenerateRequest()
+        copy.CopyFrom(request)
+        copy.cache_policy.mode = mode
+        return copy
+
+    request = ask()
+    bypass = await stream(
+        orchestrator, test_keys.acme, with_mode(request, common_pb2.CACHE_MODE_BYPASS)
+    )
+    assert bypass[0].start.cache_status == common_pb2.CACHE_STATUS_BYPASS
+    read_only = await stream(
+        orchestrator, test_keys.acme, with_mode(request, common_pb2.CACHE_MODE_READ_ONLY)
+    )
+    assert read_only[0].start.cache_status == MISS  # nothing was stored by either
+    write_only = await stream(
+        orchestrator, test_keys.acme, with_mode(request, common_pb2.CACHE_MODE_WRITE_ONLY)
+    )
+    assert write_only[0].start.cache_status == common_pb2.CACHE_STATUS_BYPASS
+    again = await stream(orchestrator, test_keys.acme, request)
+    assert again[0].start.cache_status == HIT
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [((), "API_KEY_INVALID"), ((("authorization", "Basic abc"),), "API_KEY_INVALID")],
+)
+async def test_missing_bearer_key_is_unauthenticated(
+    orchestrator: Served, metadata, reason: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await orchestrator.stub.Generate(
+            orchestrator_pb2.GenerateRequest(model="mock-fast", messages=[user("hi")]),
+            metadata=metadata,
+        )
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, reason)
+
+
+async def test_control_reasons_reach_the_client_unchanged(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    wrong = await failure(orchestrator, "sk-strata-" + "A" * 43, ask())
+    assert (wrong.code, wrong.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
+    for _ in range(3):
+        await stream(orchestrator, test_keys.tight, ask())
+    limited = await failure(orchestrator, test_keys.tight, ask())
+    assert (limited.code, limited.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert limited.retry_delay_s is not None and limited.retry_delay_s > 0
+    assert limited.metadata["limit"] == "requests_per_minute"
+
+
+async def test_executor_reasons_reach_the_client_unchanged(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    limited = await failure(orchestrator, test_keys.acme, ask(model="mock-rate-limited"))
+    assert (limited.reason, limited.retry_delay_s) == ("PROVIDER_RATE_LIMITED", 2)
+    down = await failure(orchestrator, test_keys.acme, ask(model="mock-error"))
+    assert (down.code, down.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    await _settled(redis_db, "outcome_failure", 2)
+
+
+async def test_a_cut_stream_ends_in_an_error_after_its_deltas(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    kinds = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in orchestrator.stub.StreamGenerate(
+            ask(model="mock-cut"), metadata=bearer(test_keys.acme), timeout=10
+        ):
+            kinds.append(chunk.WhichOneof("chunk"))
+    assert kinds[0] == "start" and "delta" in kinds and "final" not in kinds
+    assert rich_error(caught.value).reason == "STREAM_INTERRUPTED"
+    await _settled(redis_db, "outcome_failure", 1)
+    assert usage_record(redis_db)["output_tokens"] > 0  # the partial output is charged
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "reason", "fields"),
+    [
+        (ask(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", []),
+        (
+            orchestrator_pb2.StreamGenerateRequest(model="mock-fast"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REQUEST_INVALID",
+            ["messages"],
+        ),
+        (
+            ask(params={"max_output_tokens": 0}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REQUEST_INVALID",
+            ["params.max_output_tokens"],
+        ),
+        (
+            ask(request_id="not a valid id"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REQUEST_INVALID",
+            ["request_id"],
+        ),
+        (
+            ask("word " * 20_000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PROMPT_TOO_LARGE",
+            ["messages"],
+        ),
+    ],
+    ids=["unknown-model", "no-messages", "zero-max-tokens", "bad-request-id", "too-large"],
+)
+async def test_bad_input_is_refused_before_any_state_changes(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    request_,
+    code: grpc.StatusCode,
+    reason: str,
+    fields: list[str],
+) -> None:
+    error = await failure(orchestrator, test_keys.acme, request_)
+    assert (error.code, error.reason) == (code, reason)
+    assert error.field_violations == fields
+    assert redis_db.dbsize() == 0
+
+
+async def test_deadline_passes_through_to_a_hanging_model(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    error = await failure(orchestrator, test_keys.acme, ask(model="mock-hang"), timeout=0.5)
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _settled(redis_db, "outcome_cancelled", 1)
+
+
+async def test_a_failing_cache_is_a_miss_not_an_error(
+    orchestrator: Served, cache: Served, test_keys: ApiKeys
+) -> None:
+    await cache.server.stop(0)
+    chunks = await stream(orchestrator, test_keys.acme, ask())
+    assert chunks[0].start.cache_status == common_pb2.CACHE_STATUS_ERROR
+    assert chunks[-1].final.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_control_down_is_unavailable_with_a_reason(
+    orchestrator: Served, control: Served, test_keys: ApiKeys
+) -> None:
+    await control.server.stop(0)
+    error = await failure(orchestrator, test_keys.acme, ask())
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "CONTROL_UNAVAILABLE")
+
+
+async def _settled(redis_db: redis.Redis, field: str, count: int) -> None:
+    """Waits (bounded) for background settlements to land in Redis."""
+    async with asyncio.timeout(5):
+        while usage_record(redis_db).get(field, 0) < count:
+            await asyncio.sleep(0.01)
+    assert usage_record(redis_db)[field] == count

@@ -1,0 +1,70 @@
+"""Small helpers for reading Strata's rich errors in tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import redis
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from strata.common.v1 import common_pb2
+
+
+@dataclass
+class RichError:
+    """What a client can read from a Strata error."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    domain: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_delay_s: float | None = None
+    field_violations: list[str] = field(default_factory=list)
+
+
+def rich_error(err: grpc.RpcError) -> RichError:
+    """Decodes the code, ErrorInfo, RetryInfo and BadRequest of an RPC error."""
+    assert isinstance(err, grpc.aio.AioRpcError | grpc.Call), err
+    code = err.code()
+    trailing = err.trailing_metadata() or ()
+    result = RichError(code=code, message=err.details() or "")
+    for key, value in trailing:
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        assert status.code == code.value[0]
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                result.reason, result.domain = info.reason, info.domain
+                result.metadata = dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                delay: duration_pb2.Duration = retry.retry_delay
+                result.retry_delay_s = delay.ToNanoseconds() / 1e9
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                result.field_violations = [v.field for v in bad.field_violations]
+    return result
+
+
+def usage_record(
+    client: redis.Redis, tenant: str = "acme", key_id: str | None = None
+) -> dict[str, int]:
+    """The usage totals control settled for a tenant (or one of its keys)."""
+    name = f"strata:{{t:{tenant}}}:usage" + (f":key:{key_id}" if key_id else "")
+    raw: dict[bytes, bytes] = client.hgetall(name)  # type: ignore[assignment]
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def user(text: str) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)
+
+
+def bearer(key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {key}"),)
