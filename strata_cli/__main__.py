@@ -21,6 +21,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 

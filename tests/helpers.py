@@ -8,6 +8,7 @@ import grpc
 import redis
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+
 from strata.common.v1 import common_pb2
 
 

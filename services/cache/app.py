@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grpc
-from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.cache.exact import ExactCache
 from services.cache.servicer import CacheServicer
 from services.cache.settings import CacheSettings
 from services.common.bootstrap import Service
 from services.common.redis_state import connect
+from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 

@@ -12,11 +12,11 @@ import json
 from collections.abc import Sequence
 
 import redis.asyncio as redis
-from strata.cache.v1 import cache_pb2
-from strata.common.v1 import common_pb2
 
 from services.common.errors import FieldViolation, RequestInvalid
 from services.common.redis_state import redis_errors
+from strata.cache.v1 import cache_pb2
+from strata.common.v1 import common_pb2
 
 FORMAT_VERSION = 1
 """Bumped whenever the canonical form changes, so old entries are never misread."""

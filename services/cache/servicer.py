@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.cache.exact import ExactCache
 from services.common.errors import unary_handler
+from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):

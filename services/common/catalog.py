@@ -24,9 +24,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from strata.common.v1 import common_pb2
 
 from services.common.settings import ConfigError
+from strata.common.v1 import common_pb2
 
 
 class _Strict(BaseModel):

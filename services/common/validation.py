@@ -10,10 +10,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from strata.common.v1 import common_pb2
-
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import FieldViolation, ModelNotFound, RequestInvalid
+from strata.common.v1 import common_pb2
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_STOP_SEQUENCES = 4

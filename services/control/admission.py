@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as redis
-from strata.common.v1 import common_pb2
-from strata.control.v1 import control_pb2
 
 from services.common.errors import FieldViolation, RateLimited, RequestInvalid, StrataError
 from services.common.redis_state import redis_errors
 from services.common.validation import check_request_id
 from services.control.keys import ApiKey, KeyRing
+from strata.common.v1 import common_pb2
+from strata.control.v1 import control_pb2
 
 WINDOW_US = 60_000_000
 """Limits are per minute; a key may spend up to a minute's allowance in a burst."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from strata.control.v1 import control_pb2, control_pb2_grpc
 
 from services.common.bootstrap import Service
 from services.common.redis_state import connect
@@ -11,6 +10,7 @@ from services.control.admission import AdmissionControl
 from services.control.keys import KeyRing
 from services.control.servicer import ControlServicer
 from services.control.settings import ControlSettings
+from strata.control.v1 import control_pb2, control_pb2_grpc
 
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from strata.control.v1 import control_pb2, control_pb2_grpc
 
 from services.common.errors import unary_handler
 from services.control.admission import AdmissionControl
+from strata.control.v1 import control_pb2, control_pb2_grpc
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.common.bootstrap import Service
 from services.common.catalog import load_catalog
@@ -11,6 +10,7 @@ from services.executor.completion import Executor
 from services.executor.providers import build_providers
 from services.executor.servicer import ExecutorServicer
 from services.executor.settings import ExecutorSettings
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 

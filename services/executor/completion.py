@@ -14,13 +14,12 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from strata.common.v1 import common_pb2
-
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import RequestInvalid
 from services.common.validation import check_generation
 from services.executor.providers.base import Completion, Event, Provider, ProviderRequest
+from strata.common.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100

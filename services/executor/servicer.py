@@ -6,13 +6,13 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
-from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
 from services.common.errors import stream_handler, unary_handler
-from services.executor.completion import Executor
+from services.executor.completion import Execution, Executor
 from services.executor.providers.base import Accepted, TextDelta
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Chunk = executor_pb2.StreamCompleteResponse
 
@@ -36,17 +36,24 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self._executor = executor
         self._default_deadline_s = default_deadline_s
 
-    @unary_handler
-    async def Complete(
-        self, request: executor_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> executor_pb2.CompleteResponse:
-        execution = self._executor.prepare(
+    def _prepare(
+        self,
+        request: executor_pb2.CompleteRequest | executor_pb2.StreamCompleteRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Execution:
+        return self._executor.prepare(
             request.request_id,
             request.model,
             request.messages,
             request.params,
             Deadline.of_call(context, self._default_deadline_s),
         )
+
+    @unary_handler
+    async def Complete(
+        self, request: executor_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_pb2.CompleteResponse:
+        execution = self._prepare(request, context)
         answer = await execution.complete()
         return executor_pb2.CompleteResponse(
             model=execution.model.name,
@@ -63,13 +70,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         request: executor_pb2.StreamCompleteRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncGenerator[executor_pb2.StreamCompleteResponse, None]:
-        execution = self._executor.prepare(
-            request.request_id,
-            request.model,
-            request.messages,
-            request.params,
-            Deadline.of_call(context, self._default_deadline_s),
-        )
+        execution = self._prepare(request, context)
         async for event in execution.stream():
             if isinstance(event, TextDelta):
                 yield _Chunk(delta=_Chunk.Delta(text=event.text))

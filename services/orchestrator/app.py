@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import grpc
-from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from services.common.bootstrap import Service
 from services.common.calls import check_serving, open_channel
@@ -14,6 +13,7 @@ from services.orchestrator.clients import CacheClient, ControlClient, ExecutorCl
 from services.orchestrator.generation import Generator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
+from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 

@@ -11,12 +11,12 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 import grpc
-from strata.cache.v1 import cache_pb2, cache_pb2_grpc
-from strata.control.v1 import control_pb2, control_pb2_grpc
-from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.common.calls import Deadline, request_metadata
 from services.common.errors import from_rpc_error
+from strata.cache.v1 import cache_pb2, cache_pb2_grpc
+from strata.control.v1 import control_pb2, control_pb2_grpc
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Resp = TypeVar("_Resp")
 

@@ -23,18 +23,17 @@ from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from strata.cache.v1 import cache_pb2
-from strata.common.v1 import common_pb2
-from strata.control.v1 import control_pb2
-from strata.executor.v1 import executor_pb2
-from strata.orchestrator.v1 import orchestrator_pb2
-
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import RequestInvalid, StrataError, StreamInterrupted
 from services.common.logs import bind_request_id
 from services.common.validation import check_generation, check_request_id, estimate_input_tokens
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
+from strata.cache.v1 import cache_pb2
+from strata.common.v1 import common_pb2
+from strata.control.v1 import control_pb2
+from strata.executor.v1 import executor_pb2
+from strata.orchestrator.v1 import orchestrator_pb2
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,17 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
-from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from services.common.calls import Deadline
 from services.common.errors import ApiKeyInvalid, stream_handler, unary_handler
-from services.orchestrator.generation import Finished, Generator, Started
+from services.orchestrator.generation import (
+    Event,
+    Finished,
+    GenerateRequest,
+    Generator,
+    Started,
+)
+from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 _Chunk = orchestrator_pb2.StreamGenerateResponse
 
@@ -33,6 +39,20 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._generator = generator
         self._default_deadline_s = default_deadline_s
 
+    def _events(
+        self,
+        request: GenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        stream: bool,
+    ) -> AsyncGenerator[Event, None]:
+        return self._generator.generate(
+            request,
+            bearer_key(context),
+            Deadline.of_call(context, self._default_deadline_s),
+            stream=stream,
+        )
+
     @unary_handler
     async def Generate(
         self,
@@ -41,12 +61,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.GenerateResponse:
         response = orchestrator_pb2.GenerateResponse()
         parts: list[str] = []
-        events = self._generator.generate(
-            request,
-            bearer_key(context),
-            Deadline.of_call(context, self._default_deadline_s),
-            stream=False,
-        )
+        events = self._events(request, context, stream=False)
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, str):
@@ -68,12 +83,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.StreamGenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncGenerator[orchestrator_pb2.StreamGenerateResponse, None]:
-        events = self._generator.generate(
-            request,
-            bearer_key(context),
-            Deadline.of_call(context, self._default_deadline_s),
-            stream=True,
-        )
+        events = self._events(request, context, stream=True)
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, str):

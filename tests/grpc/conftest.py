@@ -10,10 +10,6 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from strata.cache.v1 import cache_pb2_grpc
-from strata.control.v1 import control_pb2_grpc
-from strata.executor.v1 import executor_pb2_grpc
-from strata.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.cache.app import build as build_cache
 from services.cache.settings import CacheSettings
@@ -25,6 +21,10 @@ from services.executor.app import build as build_executor
 from services.executor.settings import ExecutorSettings
 from services.orchestrator.app import build as build_orchestrator
 from services.orchestrator.settings import OrchestratorSettings
+from strata.cache.v1 import cache_pb2_grpc
+from strata.control.v1 import control_pb2_grpc
+from strata.executor.v1 import executor_pb2_grpc
+from strata.orchestrator.v1 import orchestrator_pb2_grpc
 
 LOCAL: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
 

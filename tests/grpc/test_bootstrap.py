@@ -9,13 +9,13 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from strata.common.v1 import common_pb2
-from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.common.bootstrap import Service, start
 from services.common.settings import ServiceSettings
 from services.executor.app import build as build_executor
 from services.executor.settings import ExecutorSettings
+from strata.common.v1 import common_pb2
+from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 from tests.helpers import user
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

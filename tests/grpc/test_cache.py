@@ -8,9 +8,9 @@ import grpc
 import pytest
 import redis
 from google.protobuf import duration_pb2
+
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
-
 from tests.grpc.conftest import Served
 from tests.helpers import rich_error, user
 

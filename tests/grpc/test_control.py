@@ -10,9 +10,9 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
-
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served
 from tests.helpers import rich_error, usage_record

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
+
 from strata.common.v1 import common_pb2
 from strata.executor.v1 import executor_pb2
-
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.grpc.conftest import Served
 from tests.helpers import rich_error, user

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 import pytest
 import redis
+
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
-
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served
 from tests.helpers import bearer, rich_error, usage_record, user

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from strata.orchestrator.v1 import orchestrator_pb2_grpc
 
+from strata.orchestrator.v1 import orchestrator_pb2_grpc
 from strata_cli.devstack import LocalStack
 
 

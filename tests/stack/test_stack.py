@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 import redis
+
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-
 from strata_cli.devstack import LocalStack
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI

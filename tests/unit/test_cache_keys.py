@@ -3,10 +3,10 @@
 from typing import Any
 
 import pytest
-from strata.cache.v1 import cache_pb2
-from strata.common.v1 import common_pb2
 
 from services.cache.exact import entry_id, redis_key
+from strata.cache.v1 import cache_pb2
+from strata.common.v1 import common_pb2
 
 USER = common_pb2.ROLE_USER
 SYSTEM = common_pb2.ROLE_SYSTEM

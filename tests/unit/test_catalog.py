@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from strata.common.v1 import common_pb2
 
 from services.common.catalog import Catalog, ModelConfig, load_catalog
 from services.common.errors import RequestInvalid
 from services.common.settings import ConfigError
 from services.executor.completion import Executor
+from strata.common.v1 import common_pb2
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "config" / "models.yaml"
 

@@ -8,7 +8,6 @@ from contextlib import aclosing
 from typing import Any
 
 import pytest
-from strata.common.v1 import common_pb2
 
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
@@ -26,6 +25,7 @@ from services.executor.providers.base import (
     TextDelta,
 )
 from services.executor.providers.mock import MockProvider
+from strata.common.v1 import common_pb2
 
 QUESTION = "What does Strata do with a request?"
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 import pytest
-from strata.common.v1 import common_pb2
 
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig, OpenAICompatibleProviderConfig
@@ -32,6 +31,7 @@ from services.executor.providers.base import (
     TextDelta,
 )
 from services.executor.providers.openai_compatible import OpenAICompatibleProvider
+from strata.common.v1 import common_pb2
 
 KEY_ENV = "STRATA_TEST_UPSTREAM_KEY"
 API_KEY = "sk-test-9f2c41d7e0b8a6"

@@ -1,7 +1,6 @@
 """Checks of generation requests shared by the orchestrator and the executor."""
 
 import pytest
-from strata.common.v1 import common_pb2
 
 from services.common.catalog import Catalog
 from services.common.errors import ModelNotFound, RequestInvalid
@@ -10,6 +9,7 @@ from services.common.validation import (
     check_request_id,
     estimate_input_tokens,
 )
+from strata.common.v1 import common_pb2
 
 CATALOG = Catalog.model_validate(
     {

@@ -12,10 +12,9 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from strata.common.v1 import common_pb2
-
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
+from strata.common.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)

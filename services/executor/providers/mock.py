@@ -23,8 +23,6 @@ import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
 
-from strata.common.v1 import common_pb2
-
 from services.common.errors import (
     ProviderProtocolError,
     ProviderRateLimited,
@@ -39,6 +37,7 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
 )
+from strata.common.v1 import common_pb2
 
 _SENTENCES = (
     "Strata admits the request, looks in the cache, then streams the answer from a model.",

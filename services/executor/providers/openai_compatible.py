@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
-from strata.common.v1 import common_pb2
 
 from services.common.catalog import OpenAICompatibleProviderConfig
 from services.common.errors import (
@@ -41,6 +40,7 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
 )
+from strata.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
