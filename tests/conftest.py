@@ -118,7 +118,23 @@ def upstream() -> Iterator[FakeOpenAI]:
         server.stop()
 
 
-UPSTREAM_MODELS = ("fake-ok", "fake-slow", "fake-500", "fake-429", "fake-cut")
+UPSTREAM_BEHAVIOURS = (
+    "ok",
+    "slow",
+    "500",
+    "500-once",
+    "429",
+    "429-once",
+    "quota",
+    "hang",
+    "slow-first",
+    "slow-first-once",
+    "cut",
+    "malformed",
+    "no-usage",
+)
+"""`up-<behaviour>` aliases reach `fake-<behaviour>` on the fake upstream."""
+FAST_RETRY = {"max_attempts": 3, "base_delay_s": 0.02, "max_delay_s": 0.1}
 
 
 @pytest.fixture(scope="session")
@@ -129,16 +145,25 @@ def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) 
         "kind": "openai_compatible",
         "base_url": upstream.base_url,
         "headers": {"x-strata-test": "1"},
+        "retry_budget": {"ratio": 0.1, "window_s": 10, "min_retries": 1000},
     }
-    for name in UPSTREAM_MODELS:
-        catalog["models"]["up-" + name.removeprefix("fake-")] = {
+    for behaviour in UPSTREAM_BEHAVIOURS:
+        catalog["models"]["up-" + behaviour] = {
             "provider": "fake",
-            "upstream_model": name,
+            "upstream_model": "fake-" + behaviour,
             "input_usd_per_million_tokens": "2.5",
             "output_usd_per_million_tokens": "10",
             "max_output_tokens": 2048,
             "context_window": 32_000,
+            "retry": FAST_RETRY,
+            "timeouts": {"first_token_s": 1.0, "stall_s": 5.0},
         }
+    catalog["models"]["up-slow-first"]["timeouts"] = {"first_token_s": 0.3}
+    catalog["models"]["up-hedged"] = {
+        **catalog["models"]["up-slow-first-once"],
+        "timeouts": {"first_token_s": 10.0},
+        "hedge_after_s": 0.2,
+    }
     path = tmp_path_factory.mktemp("config") / "models.yaml"
     path.write_text(yaml.safe_dump(catalog))
     return path

@@ -31,6 +31,7 @@ def canonical_form(
 ) -> bytes:
     """The bytes whose hash identifies (model, parameters, conversation)."""
     params = scope.params
+    fmt = params.response_format
     document = {
         "v": FORMAT_VERSION,
         "model": scope.model,
@@ -40,8 +41,20 @@ def canonical_form(
             "max_output_tokens": _optional(params, "max_output_tokens"),
             "stop": list(params.stop),
             "seed": _optional(params, "seed"),
+            "tools": [[t.name, t.description, t.parameters_json] for t in params.tools],
+            "tool_choice": [params.tool_choice.mode, params.tool_choice.function_name],
+            "response_format": [fmt.type, fmt.schema_name, fmt.json_schema, fmt.strict],
         },
-        "messages": [[m.role, m.name, m.tool_call_id, m.content] for m in messages],
+        "messages": [
+            [
+                m.role,
+                m.name,
+                m.tool_call_id,
+                m.content,
+                [[c.id, c.name, c.arguments_json] for c in m.tool_calls],
+            ]
+            for m in messages
+        ],
     }
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -33,33 +33,103 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MockProviderConfig(_Strict):
+class RetryBudgetConfig(_Strict):
+    """How many retries a provider may take, SRE-book style, so an outage is not multiplied."""
+
+    ratio: float = Field(default=0.1, ge=0, le=1)
+    """Retries may be at most this share of the requests in the window."""
+    window_s: float = Field(default=10.0, gt=0)
+    """The sliding window."""
+    min_retries: int = Field(default=3, ge=0)
+    """Retries always allowed per window, so a quiet provider can still retry."""
+
+
+class _ProviderBase(_Strict):
+    retry_budget: RetryBudgetConfig = Field(default_factory=RetryBudgetConfig)
+    """Shared by every model of the provider, per executor process."""
+
+
+class MockProviderConfig(_ProviderBase):
     """The built-in deterministic provider; no network."""
 
     kind: Literal["mock"]
 
 
-class OpenAICompatibleProviderConfig(_Strict):
+class _HttpProviderConfig(_ProviderBase):
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key."""
+    api_key_file: Path | None = None
+    """Path of a file holding the API key (a mounted secret); read once at start-up."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers on every request to this provider."""
+    max_connections: int = Field(default=100, gt=0)
+    """Size of the connection pool."""
+    http2: bool = True
+    """Use HTTP/2 where the upstream offers it (TLS with ALPN); HTTP/1.1 otherwise."""
+
+
+class OpenAICompatibleProviderConfig(_HttpProviderConfig):
     """Any server speaking OpenAI's `/v1/chat/completions` (vLLM, Ollama, llama.cpp, ...)."""
 
     kind: Literal["openai_compatible"]
     base_url: str
     """Base URL up to and including `/v1`."""
-    api_key_env: str | None = None
-    """Name of the environment variable holding the API key; none sent when unset."""
-    api_key_file: Path | None = None
-    """Path of a file holding the API key (a mounted secret); read once at start-up."""
-    headers: dict[str, str] = Field(default_factory=dict)
-    """Extra headers on every request to this provider."""
-    connect_timeout_s: float = 5.0
-    """Time allowed to open a connection."""
-    max_connections: int = 100
-    """Size of the connection pool."""
+
+
+class OpenAIProviderConfig(_HttpProviderConfig):
+    """OpenAI's own API."""
+
+    kind: Literal["openai"]
+    base_url: str = "https://api.openai.com/v1"
+    """Base URL up to and including `/v1`."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key."""
+    organization: str | None = None
+    """Sent as OpenAI-Organization when set."""
+
+
+class AnthropicProviderConfig(_HttpProviderConfig):
+    """Anthropic's Messages API."""
+
+    kind: Literal["anthropic"]
+    base_url: str = "https://api.anthropic.com/v1"
+    """Base URL up to and including `/v1`."""
+    api_key_env: str | None = "ANTHROPIC_API_KEY"
+    """Name of the environment variable holding the API key."""
+    api_version: str = "2023-06-01"
+    """Sent as anthropic-version."""
 
 
 ProviderConfig = Annotated[
-    MockProviderConfig | OpenAICompatibleProviderConfig, Field(discriminator="kind")
+    MockProviderConfig
+    | OpenAICompatibleProviderConfig
+    | OpenAIProviderConfig
+    | AnthropicProviderConfig,
+    Field(discriminator="kind"),
 ]
+HttpProviderConfig = OpenAICompatibleProviderConfig | OpenAIProviderConfig | AnthropicProviderConfig
+
+
+class TimeoutConfig(_Strict):
+    """How long each phase of one attempt may take (never beyond the caller's deadline)."""
+
+    connect_s: float = Field(default=5.0, gt=0)
+    """Opening a connection."""
+    first_token_s: float = Field(default=60.0, gt=0)
+    """From sending the request to the first piece of the answer."""
+    stall_s: float = Field(default=30.0, gt=0)
+    """Between two pieces of a streamed answer."""
+
+
+class RetryConfig(_Strict):
+    """Retries of one call: only before its answer started, within the deadline and budget."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Attempts in all, the first included."""
+    base_delay_s: float = Field(default=0.2, gt=0)
+    """Backoff before the second attempt; doubles each time, with full jitter."""
+    max_delay_s: float = Field(default=5.0, gt=0)
+    """Backoff cap (a Retry-After from the provider wins, if it fits the deadline)."""
 
 
 class ModelConfig(_Strict):
@@ -71,6 +141,8 @@ class ModelConfig(_Strict):
     """Key of the provider entry that serves the model."""
     upstream_model: str
     """The provider's name for the model."""
+    kind: Literal["chat", "embedding"] = "chat"
+    """What the model does: chat completions, or embeddings."""
     input_usd_per_million_tokens: Decimal = Decimal(0)
     """Price of a million prompt tokens in USD (at most 6 decimals)."""
     output_usd_per_million_tokens: Decimal = Decimal(0)
@@ -79,8 +151,17 @@ class ModelConfig(_Strict):
     """Default and upper bound for a request's max_output_tokens."""
     context_window: int = Field(default=128_000, gt=0)
     """Prompt plus output tokens the model accepts."""
+    dimensions: int | None = Field(default=None, gt=0)
+    """For embedding models: the vector length to ask for (when the provider can choose)."""
     headers: dict[str, str] = Field(default_factory=dict)
     """Extra headers on requests for this model (on top of the provider's)."""
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    """Connect, first-token and stall timeouts of each attempt."""
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    """How failed attempts are retried."""
+    hedge_after_s: float | None = Field(default=None, gt=0)
+    """When set: if no answer has started this long after the first attempt, a second one
+    races it; the first to answer wins and the other is cancelled."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Provider-specific options (the mock's delays, for instance)."""
 

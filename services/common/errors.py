@@ -10,13 +10,17 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     ├── ApiKeyInvalid                 UNAUTHENTICATED     API_KEY_INVALID
     ├── ModelNotFound                 NOT_FOUND           MODEL_NOT_FOUND
     ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
-    ├── ProviderError
-    │   ├── ProviderUnavailable       UNAVAILABLE         PROVIDER_UNAVAILABLE
-    │   ├── ProviderRateLimited       RESOURCE_EXHAUSTED  PROVIDER_RATE_LIMITED (+ RetryInfo)
-    │   ├── ProviderRejected          INVALID_ARGUMENT    PROVIDER_REJECTED_REQUEST
-    │   ├── ProviderTimeout           DEADLINE_EXCEEDED   PROVIDER_TIMEOUT
-    │   ├── ProviderProtocolError     UNAVAILABLE         PROVIDER_PROTOCOL_ERROR
-    │   └── StreamInterrupted         UNAVAILABLE         STREAM_INTERRUPTED
+    ├── ProviderError                                     (retryable: r)
+    │   ├── ProviderUnavailable       UNAVAILABLE         PROVIDER_UNAVAILABLE        r
+    │   ├── ProviderAuthFailed        UNAVAILABLE         PROVIDER_AUTH_FAILED
+    │   ├── UpstreamRateLimited       RESOURCE_EXHAUSTED  UPSTREAM_RATE_LIMITED       r +RetryInfo
+    │   ├── UpstreamQuotaExhausted    RESOURCE_EXHAUSTED  UPSTREAM_QUOTA_EXHAUSTED
+    │   ├── UpstreamRejected          INVALID_ARGUMENT    UPSTREAM_REJECTED
+    │   │   ├── ContextLengthExceeded INVALID_ARGUMENT    CONTEXT_LENGTH_EXCEEDED
+    │   │   └── ContentFiltered       INVALID_ARGUMENT    CONTENT_FILTERED
+    │   ├── UpstreamTimeout           DEADLINE_EXCEEDED   UPSTREAM_TIMEOUT            r
+    │   ├── BadUpstreamResponse       UNAVAILABLE         BAD_UPSTREAM_RESPONSE
+    │   └── StreamInterrupted         UNAVAILABLE         STREAM_INTERRUPTED          r
     ├── DependencyUnavailable         UNAVAILABLE         <NAME>_UNAVAILABLE
     ├── DeadlineExceeded              DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
     └── DownstreamError               (as received)       (as received)
@@ -167,47 +171,88 @@ class RateLimited(_RetryAfter):
 
 
 class ProviderError(StrataError):
-    """The model provider did not give a complete answer."""
+    """The model provider did not give a complete answer.
+
+    `retryable` says whether another attempt may succeed; the executor retries only those,
+    and only before the first byte of an answer reached its caller.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "PROVIDER_UNAVAILABLE"
+    retryable = False
+    retry_after_s: float | None = None
+    """The pause the provider asked for before another attempt, if it asked."""
 
 
 class ProviderUnavailable(ProviderError):
     """The provider failed (5xx, refused or broken connection)."""
 
+    retryable = True
 
-class ProviderRateLimited(_RetryAfter, ProviderError):
-    """The provider refused the call for its own rate limit or quota."""
+
+class ProviderAuthFailed(ProviderError):
+    """The provider refused Strata's credentials (a configuration problem)."""
+
+    reason = "PROVIDER_AUTH_FAILED"
+
+
+class UpstreamRateLimited(_RetryAfter, ProviderError):
+    """The provider refused the call for its own rate limit (429)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "PROVIDER_RATE_LIMITED"
+    reason = "UPSTREAM_RATE_LIMITED"
+    retryable = True
 
 
-class ProviderRejected(ProviderError):
+class UpstreamQuotaExhausted(ProviderError):
+    """The provider's quota or credit is used up; retrying cannot help."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "UPSTREAM_QUOTA_EXHAUSTED"
+
+
+class UpstreamRejected(ProviderError):
     """The provider rejected the request as invalid; retrying will not help."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "PROVIDER_REJECTED_REQUEST"
+    reason = "UPSTREAM_REJECTED"
 
 
-class ProviderTimeout(ProviderError):
-    """The provider did not answer in time."""
+class ContextLengthExceeded(UpstreamRejected):
+    """The prompt and output limit do not fit the model's context window."""
+
+    reason = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class ContentFiltered(UpstreamRejected):
+    """The provider refused the request under its content policy."""
+
+    reason = "CONTENT_FILTERED"
+
+
+class UpstreamTimeout(ProviderError):
+    """The provider did not answer (or start answering) in time."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "PROVIDER_TIMEOUT"
+    reason = "UPSTREAM_TIMEOUT"
+    retryable = True
 
 
-class ProviderProtocolError(ProviderError):
+class BadUpstreamResponse(ProviderError):
     """The provider's answer could not be understood."""
 
-    reason = "PROVIDER_PROTOCOL_ERROR"
+    reason = "BAD_UPSTREAM_RESPONSE"
 
 
 class StreamInterrupted(ProviderError):
-    """The provider's stream ended before its final event; the answer is incomplete."""
+    """The provider's stream ended before its final event; the answer is incomplete.
+
+    After output started its metadata carries the usage so far (input_tokens,
+    output_tokens), so the request is still charged for what it consumed.
+    """
 
     reason = "STREAM_INTERRUPTED"
+    retryable = True
 
 
 class DependencyUnavailable(StrataError):
@@ -340,26 +385,3 @@ def stream_handler(
             await context.abort_with_status(_internal_status())
 
     return wrapper
-
-
-__all__ = [
-    "ApiKeyInvalid",
-    "DeadlineExceeded",
-    "DependencyUnavailable",
-    "DownstreamError",
-    "FieldViolation",
-    "ModelNotFound",
-    "ProviderError",
-    "ProviderProtocolError",
-    "ProviderRateLimited",
-    "ProviderRejected",
-    "ProviderTimeout",
-    "ProviderUnavailable",
-    "RateLimited",
-    "RequestInvalid",
-    "StrataError",
-    "StreamInterrupted",
-    "from_rpc_error",
-    "stream_handler",
-    "unary_handler",
-]

@@ -1,9 +1,10 @@
 """The executor's domain: resolve a model alias to its provider and run the call.
 
 Deadlines: the gRPC deadline bounds the call (the server cancels it when it passes), and
-each provider derives its own timeouts from what remains. Cancellation: a cancelled call
-closes the provider's stream at once (the iterator is closed, and with it the upstream
-HTTP response).
+every attempt derives its timeouts from what remains (`services.executor.attempts`).
+Cancellation: a cancelled call closes the provider's stream at once, and with it the
+upstream HTTP response. A stream that breaks after its answer started ends as
+STREAM_INTERRUPTED carrying the usage so far, counted with the tokenizer.
 """
 
 from __future__ import annotations
@@ -16,13 +17,30 @@ from dataclasses import dataclass
 
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
-from services.common.errors import RequestInvalid
+from services.common.errors import (
+    FieldViolation,
+    ModelNotFound,
+    ProviderError,
+    RequestInvalid,
+    StreamInterrupted,
+)
 from services.common.validation import check_generation
-from services.executor.providers.base import Completion, Event, Provider, ProviderRequest
+from services.executor import tokens
+from services.executor.attempts import Attempts, RetryBudget
+from services.executor.providers.base import (
+    Completion,
+    Content,
+    Embeddings,
+    Provider,
+    ProviderRequest,
+    TextDelta,
+    ToolCallPiece,
+)
 from strata.common.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+MAX_EMBED_INPUTS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,22 +48,48 @@ class Execution:
     """A validated call, bound to its provider."""
 
     request: ProviderRequest
-    provider: Provider
+    attempts: Attempts
 
     @property
     def model(self) -> ModelConfig:
         """The model that answers."""
         return self.request.model
 
-    async def stream(self) -> AsyncGenerator[Event, None]:
-        """The provider's events; the upstream call is closed when this iterator is."""
-        async with aclosing(self.provider.stream(self.request)) as events:
-            async for event in events:
-                yield event
+    async def stream(self) -> AsyncGenerator[Content, None]:
+        """The answer's pieces then Finished; the upstream call closes with this generator."""
+        output: list[str] = []
+        started = False
+        try:
+            async with aclosing(self.attempts.stream(self.request)) as events:
+                async for event in events:
+                    started = True
+                    if isinstance(event, TextDelta):
+                        output.append(event.text)
+                    elif isinstance(event, ToolCallPiece):
+                        output.append(event.delta.arguments_json)
+                    yield event
+        except ProviderError as err:
+            if not started:
+                raise
+            raise interrupted(err, self.request, "".join(output)) from err
 
     async def complete(self) -> Completion:
         """The whole answer."""
-        return await self.provider.complete(self.request)
+        return await self.attempts.complete(self.request)
+
+
+def interrupted(err: ProviderError, request: ProviderRequest, output: str) -> StreamInterrupted:
+    """The error for a stream that broke after its answer started, with the usage so far."""
+    usage = tokens.estimate_usage(request.messages, output)
+    metadata = {
+        **err.metadata,
+        "input_tokens": str(usage.input_tokens),
+        "output_tokens": str(usage.output_tokens),
+        "usage_estimated": "true",
+    }
+    if not isinstance(err, StreamInterrupted):
+        metadata["cause"] = err.reason
+    return StreamInterrupted(err.message, metadata=metadata)
 
 
 def _page_token(last_alias: str) -> str:
@@ -58,6 +102,10 @@ class Executor:
     def __init__(self, catalog: Catalog, providers: Mapping[str, Provider]) -> None:
         self._catalog = catalog
         self._providers = providers
+        self._attempts = {
+            name: Attempts(provider, RetryBudget(catalog.providers[name].retry_budget))
+            for name, provider in providers.items()
+        }
         self._aliases = sorted(catalog.models)
 
     def prepare(
@@ -78,7 +126,26 @@ class Executor:
             deadline=deadline,
             request_id=request_id,
         )
-        return Execution(request, self._providers[config.provider])
+        return Execution(request, self._attempts[config.provider])
+
+    async def embed(
+        self, model: str, inputs: Sequence[str], deadline: Deadline
+    ) -> tuple[ModelConfig, Embeddings]:
+        """Embeds texts with an embedding model; raises RequestInvalid or ModelNotFound."""
+        violations = []
+        if not 1 <= len(inputs) <= MAX_EMBED_INPUTS:
+            violations.append(FieldViolation("inputs", f"1 to {MAX_EMBED_INPUTS} texts"))
+        if any(not text for text in inputs):
+            violations.append(FieldViolation("inputs", "texts must not be empty"))
+        if violations:
+            raise RequestInvalid(violations)
+        config = self._catalog.get(model)
+        if config is None:
+            raise ModelNotFound(model)
+        if config.kind != "embedding":
+            raise RequestInvalid.field("model", f"{model!r} is not an embedding model")
+        embeddings = await self._providers[config.provider].embed(config, inputs, deadline)
+        return config, embeddings
 
     def list_models(self, page_size: int, page_token: str) -> tuple[list[ModelConfig], str]:
         """A page of models in alias order, and the token of the next page ("" at the end)."""

@@ -11,10 +11,11 @@ from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
 from services.common.errors import stream_handler, unary_handler
 from services.executor.completion import Execution, Executor
-from services.executor.providers.base import Accepted, TextDelta
+from services.executor.providers.base import TextDelta, ToolCallPiece
 from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Chunk = executor_pb2.StreamCompleteResponse
+_KINDS = {"chat": executor_pb2.MODEL_KIND_CHAT, "embedding": executor_pb2.MODEL_KIND_EMBEDDING}
 
 
 def _model(config: ModelConfig) -> executor_pb2.Model:
@@ -26,6 +27,7 @@ def _model(config: ModelConfig) -> executor_pb2.Model:
         output_usd_micros_per_million_tokens=config.output_micros_per_million,
         max_output_tokens=config.max_output_tokens,
         context_window=config.context_window,
+        kind=_KINDS[config.kind],
     )
 
 
@@ -62,6 +64,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             finish_reason=answer.finish_reason,
             usage=answer.usage,
             cost=execution.model.cost(answer.usage),
+            tool_calls=answer.tool_calls,
         )
 
     @stream_handler
@@ -71,11 +74,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncGenerator[executor_pb2.StreamCompleteResponse, None]:
         execution = self._prepare(request, context)
+        started = False
         async for event in execution.stream():
+            if not started:
+                started = True
+                yield _Chunk(start=_Chunk.Start(model=execution.model.name))
             if isinstance(event, TextDelta):
                 yield _Chunk(delta=_Chunk.Delta(text=event.text))
-            elif isinstance(event, Accepted):
-                yield _Chunk(start=_Chunk.Start(model=execution.model.name))
+            elif isinstance(event, ToolCallPiece):
+                yield _Chunk(delta=_Chunk.Delta(tool_calls=[event.delta]))
             else:
                 yield _Chunk(
                     final=_Chunk.Final(
@@ -85,6 +92,20 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                         provider_model=event.provider_model,
                     )
                 )
+
+    @unary_handler
+    async def Embed(
+        self, request: executor_pb2.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_pb2.EmbedResponse:
+        model, embeddings = await self._executor.embed(
+            request.model, request.inputs, Deadline.of_call(context, self._default_deadline_s)
+        )
+        return executor_pb2.EmbedResponse(
+            model=model.name,
+            embeddings=[executor_pb2.Embedding(values=v) for v in embeddings.vectors],
+            usage=embeddings.usage,
+            cost=model.cost(embeddings.usage),
+        )
 
     @unary_handler
     async def ListModels(

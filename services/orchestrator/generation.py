@@ -19,12 +19,13 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
+from services.common.chat import assemble_tool_calls, tool_call_pieces
 from services.common.errors import RequestInvalid, StrataError, StreamInterrupted
 from services.common.logs import bind_request_id
 from services.common.validation import check_generation, check_request_id, estimate_input_tokens
@@ -75,8 +76,15 @@ class Finished:
     cache_status: common_pb2.CacheStatus
 
 
-Event = Started | str | Finished
-"""A generation streams Started, then text pieces (str), then Finished."""
+@dataclass(frozen=True, slots=True)
+class ToolPieces:
+    """Pieces of tool calls, in order."""
+
+    pieces: Sequence[common_pb2.ToolCallDelta]
+
+
+Event = Started | str | ToolPieces | Finished
+"""A generation streams Started, then text pieces (str) and ToolPieces, then Finished."""
 
 
 @dataclass(slots=True)
@@ -92,6 +100,7 @@ class _Tally:
     usage: common_pb2.Usage | None = None
     cost: common_pb2.Cost | None = None
     text: list[str] = field(default_factory=list)
+    tool_pieces: list[common_pb2.ToolCallDelta] = field(default_factory=list)
 
 
 class Generator:
@@ -144,6 +153,8 @@ class Generator:
                 yield Started(request_id, config.name, cache_status)
                 for i in range(0, len(cached.text), REPLAY_CHUNK_CHARS):
                     yield cached.text[i : i + REPLAY_CHUNK_CHARS]
+                if cached.tool_calls:
+                    yield ToolPieces(tool_call_pieces(cached.tool_calls))
                 yield Finished(cached.finish_reason, cached.usage, common_pb2.Cost(), cache_status)
                 tally.outcome = control_pb2.OUTCOME_SUCCESS
             else:
@@ -157,7 +168,11 @@ class Generator:
             tally.outcome = control_pb2.OUTCOME_CANCELLED
             self._in_background(self._settle(request_id, admission, tally, config, estimated_input))
             raise
-        except Exception:
+        except Exception as err:
+            if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
+                # The executor counted what the broken stream used; charge that.
+                tally.usage = usage_of_interruption(err.metadata)
+                tally.cost = config.cost(tally.usage) if tally.usage else None
             self._in_background(self._settle(request_id, admission, tally, config, estimated_input))
             raise
         finishing = [self._settle(request_id, admission, tally, config, estimated_input)]
@@ -253,10 +268,13 @@ class Generator:
             tally.accepted = True
             tally.model = answer.model
             tally.text.append(answer.text)
+            tally.tool_pieces = tool_call_pieces(answer.tool_calls)
             tally.usage, tally.cost = answer.usage, answer.cost
             tally.finish_reason = answer.finish_reason
             yield Started(request_id, answer.model, tally.cache_status)
             yield answer.text
+            if tally.tool_pieces:
+                yield ToolPieces(tally.tool_pieces)
             yield Finished(answer.finish_reason, answer.usage, answer.cost, tally.cache_status)
             return
 
@@ -270,10 +288,15 @@ class Generator:
             async for chunk in executor_chunks:
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
-                    text = chunk.delta.text
-                    tally.text.append(text)
-                    tally.output_bytes += len(text.encode())
-                    yield text
+                    delta = chunk.delta
+                    if delta.text:
+                        tally.text.append(delta.text)
+                        tally.output_bytes += len(delta.text.encode())
+                        yield delta.text
+                    if delta.tool_calls:
+                        tally.tool_pieces.extend(delta.tool_calls)
+                        tally.output_bytes += sum(len(p.arguments_json) for p in delta.tool_calls)
+                        yield ToolPieces(delta.tool_calls)
                 elif kind == "start":
                     tally.accepted = True
                     tally.model = chunk.start.model
@@ -299,6 +322,7 @@ class Generator:
                 finish_reason=tally.finish_reason,
                 usage=tally.usage,
                 request_id=request_id,
+                tool_calls=assemble_tool_calls(tally.tool_pieces),
             ),
         )
         if request.cache_policy.HasField("ttl"):
@@ -349,6 +373,18 @@ class Generator:
         """Waits for background settlements to finish."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def usage_of_interruption(metadata: Mapping[str, str]) -> common_pb2.Usage | None:
+    """The usage a STREAM_INTERRUPTED error from the executor carries, if any."""
+    try:
+        return common_pb2.Usage(
+            input_tokens=int(metadata["input_tokens"]),
+            output_tokens=int(metadata["output_tokens"]),
+            estimated=metadata.get("usage_estimated") == "true",
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def _scope(tenant_id: str, model: str, params: common_pb2.GenerationParams) -> cache_pb2.CacheScope:

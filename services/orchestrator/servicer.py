@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from services.common.calls import Deadline
+from services.common.chat import assemble_tool_calls
 from services.common.errors import ApiKeyInvalid, stream_handler, unary_handler
 from services.orchestrator.generation import (
     Event,
@@ -16,7 +17,9 @@ from services.orchestrator.generation import (
     GenerateRequest,
     Generator,
     Started,
+    ToolPieces,
 )
+from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 _Chunk = orchestrator_pb2.StreamGenerateResponse
@@ -61,11 +64,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.GenerateResponse:
         response = orchestrator_pb2.GenerateResponse()
         parts: list[str] = []
+        pieces: list[common_pb2.ToolCallDelta] = []
         events = self._events(request, context, stream=False)
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, str):
                     parts.append(event)
+                elif isinstance(event, ToolPieces):
+                    pieces.extend(event.pieces)
                 elif isinstance(event, Started):
                     response.request_id = event.request_id
                     response.model = event.model
@@ -75,6 +81,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                     response.cost.CopyFrom(event.cost)
                     response.cache_status = event.cache_status
         response.text = "".join(parts)
+        response.tool_calls.extend(assemble_tool_calls(pieces))
         return response
 
     @stream_handler
@@ -88,6 +95,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             async for event in events:
                 if isinstance(event, str):
                     yield _Chunk(delta=_Chunk.Delta(text=event))
+                elif isinstance(event, ToolPieces):
+                    yield _Chunk(delta=_Chunk.Delta(tool_calls=event.pieces))
                 elif isinstance(event, Started):
                     yield _Chunk(
                         start=_Chunk.Start(

@@ -1,15 +1,25 @@
-"""A real HTTP server speaking OpenAI's chat-completions API, for the tests that need an upstream.
+"""A real HTTP server speaking OpenAI's chat-completions API, with faults on purpose.
 
 It runs an aiohttp server on 127.0.0.1 (port 0) in a thread of its own, so both async and
-sync tests can use it. The requested model picks the behaviour:
+sync tests can use it. The requested model picks the behaviour; "…-once" faults hit only
+the first request of a conversation (the same messages), so a retry sees a healthy server:
 
-    fake-ok       a streamed (or unary) answer, usage in the last chunk
-    fake-slow     a long stream, one chunk every 50 ms (to cancel it midway)
-    fake-500      HTTP 500 with an error body
-    fake-429      HTTP 429 with Retry-After: 3
-    fake-cut      a few chunks, then the connection closes with no final event
+    fake-ok            a streamed (or unary) answer, usage in the last chunk
+    fake-slow          a long stream, one chunk every 50 ms (to cancel it midway)
+    fake-500           HTTP 500 with an error body
+    fake-500-once      HTTP 500, then answers
+    fake-429           HTTP 429 with Retry-After: 3
+    fake-429-once      HTTP 429 with Retry-After: 0.2, then answers
+    fake-quota         HTTP 429 with error code insufficient_quota
+    fake-hang          sends the response headers, then nothing, until the client leaves
+    fake-slow-first    waits 2 s before the first chunk, every time
+    fake-slow-first-once  waits 2 s before the first chunk the first time, then answers
+    fake-cut           a few chunks, then the connection closes with no final event
+    fake-malformed     an event whose data is not JSON, before any content
+    fake-no-usage      a whole answer with no usage chunk
 
-Everything it received and sent is recorded so tests compare both ends.
+Everything it received and sent is recorded, with when each request arrived and when its
+client went away, so tests compare both ends and count attempts.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +35,7 @@ from aiohttp import web
 
 SLOW_CHUNKS = 200
 SLOW_DELAY_S = 0.05
+SLOW_FIRST_S = 2.0
 
 
 def answer_pieces(body: dict[str, Any]) -> list[str]:
@@ -45,9 +57,11 @@ class Exchange:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    arrived_at: float = field(default_factory=time.monotonic)
     sent: list[str] = field(default_factory=list)
     usage: dict[str, int] | None = None
     disconnected: threading.Event = field(default_factory=threading.Event)
+    disconnected_at: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
 
 
@@ -56,6 +70,7 @@ class FakeOpenAI:
 
     def __init__(self) -> None:
         self.exchanges: list[Exchange] = []
+        self.in_flight = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -66,9 +81,19 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def calls(self, model: str | None = None) -> list[Exchange]:
+    def calls(self, marker: str | None = None) -> list[Exchange]:
+        """Requests received, all or those whose body contains `marker`."""
         with self._lock:
-            return [e for e in self.exchanges if model is None or e.body.get("model") == model]
+            return [e for e in self.exchanges if marker is None or marker in json.dumps(e.body)]
+
+    def wait_idle(self, timeout_s: float = 5.0) -> bool:
+        """True once no request handler is running (every stream was closed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.in_flight == 0:
+                return True
+            time.sleep(0.01)
+        return False
 
     def start(self) -> FakeOpenAI:
         self._thread.start()
@@ -85,30 +110,53 @@ class FakeOpenAI:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # Cancel a handler as soon as its client goes away, so disconnects are seen at once.
+        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
+
+    def _seen_before(self, exchange: Exchange) -> int:
+        """How many earlier requests had the same model and messages."""
+        key = (exchange.body.get("model"), json.dumps(exchange.body.get("messages")))
+        with self._lock:
+            return sum(
+                1
+                for e in self.exchanges
+                if e is not exchange
+                and (e.body.get("model"), json.dumps(e.body.get("messages"))) == key
+            )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         exchange = Exchange(body=body, headers=dict(request.headers))
         with self._lock:
             self.exchanges.append(exchange)
-        model = body.get("model")
-        if model == "fake-500":
+            self.in_flight += 1
+        try:
+            return await self._answer(request, exchange)
+        except (ConnectionResetError, asyncio.CancelledError):
+            exchange.disconnected_at = time.monotonic()
+            exchange.disconnected.set()
+            raise
+        finally:
+            with self._lock:
+                self.in_flight -= 1
             exchange.finished.set()
-            return web.json_response(
-                {"error": {"message": "boom", "type": "server_error"}}, status=500
-            )
+
+    async def _answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        body = exchange.body
+        model = str(body.get("model"))
+        first_time = self._seen_before(exchange) == 0
+        if model == "fake-500" or (model == "fake-500-once" and first_time):
+            return _error(500, "server_error", "boom")
         if model == "fake-429":
-            exchange.finished.set()
-            return web.json_response(
-                {"error": {"message": "slow down", "type": "rate_limit_error"}},
-                status=429,
-                headers={"retry-after": "3"},
-            )
+            return _error(429, "rate_limit_error", "slow down", {"retry-after": "3"})
+        if model == "fake-429-once" and first_time:
+            return _error(429, "rate_limit_error", "slow down", {"retry-after": "0.2"})
+        if model == "fake-quota":
+            return _error(429, "insufficient_quota", "pay up")
         pieces = answer_pieces(body)
         if model == "fake-slow":
             pieces = [f" slow{i}" for i in range(SLOW_CHUNKS)]
@@ -116,7 +164,6 @@ class FakeOpenAI:
         if not body.get("stream"):
             exchange.sent = pieces
             exchange.usage = usage
-            exchange.finished.set()
             return web.json_response(
                 {
                     "id": "cmpl-fake",
@@ -129,10 +176,10 @@ class FakeOpenAI:
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": usage,
+                    "usage": None if model == "fake-no-usage" else usage,
                 }
             )
-        return await self._stream(request, exchange, model, pieces, usage)
+        return await self._stream(request, exchange, model, pieces, usage, first_time)
 
     async def _stream(
         self,
@@ -141,6 +188,7 @@ class FakeOpenAI:
         model: str,
         pieces: list[str],
         usage: dict[str, int],
+        first_time: bool,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
@@ -157,27 +205,34 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        try:
-            await event(chunk({"role": "assistant", "content": ""}))
-            for i, piece in enumerate(pieces):
-                if model == "fake-cut" and i == 3:
-                    assert request.transport is not None
-                    request.transport.close()
-                    return response
-                if model == "fake-slow" and i:
-                    await asyncio.sleep(SLOW_DELAY_S)
-                await event(chunk({"content": piece}))
-                exchange.sent.append(piece)
-            await event(chunk({}, "stop"))
+        if model == "fake-hang":
+            await asyncio.Event().wait()
+        if model == "fake-slow-first" or (model == "fake-slow-first-once" and first_time):
+            await asyncio.sleep(SLOW_FIRST_S)
+        await event(chunk({"role": "assistant", "content": ""}))
+        if model == "fake-malformed":
+            await event("{not json")
+        for i, piece in enumerate(pieces):
+            if model == "fake-cut" and i == 3:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if model == "fake-slow" and i:
+                await asyncio.sleep(SLOW_DELAY_S)
+            await event(chunk({"content": piece}))
+            exchange.sent.append(piece)
+        await event(chunk({}, "stop"))
+        if model != "fake-no-usage":
             await event({**chunk({}), "choices": [], "usage": usage})
             exchange.usage = usage
-            await event("[DONE]")
-            await response.write_eof()
-        except ConnectionResetError:
-            exchange.disconnected.set()
-        except asyncio.CancelledError:
-            exchange.disconnected.set()
-            raise
-        finally:
-            exchange.finished.set()
+        await event("[DONE]")
+        await response.write_eof()
         return response
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": code, "code": code}}, status=status, headers=headers
+    )

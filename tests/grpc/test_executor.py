@@ -67,8 +67,8 @@ async def test_max_output_tokens_cuts_with_length(executor: Served) -> None:
     ("model", "code", "reason"),
     [
         ("mock-error", grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
-        ("mock-rate-limited", grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED"),
-        ("mock-malformed", grpc.StatusCode.UNAVAILABLE, "PROVIDER_PROTOCOL_ERROR"),
+        ("mock-rate-limited", grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED"),
+        ("mock-malformed", grpc.StatusCode.UNAVAILABLE, "BAD_UPSTREAM_RESPONSE"),
         ("nope", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
     ],
 )
@@ -79,7 +79,7 @@ async def test_failures_have_codes_and_reasons(
         await collect(executor, stream_request(model))
     error = rich_error(caught.value)
     assert (error.code, error.reason) == (code, reason)
-    if reason == "PROVIDER_RATE_LIMITED":
+    if reason == "UPSTREAM_RATE_LIMITED":
         assert error.retry_delay_s == 2
 
 
@@ -157,7 +157,7 @@ async def test_upstream_429_carries_its_retry_after(executor: Served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(executor, stream_request("up-429"))
     error = rich_error(caught.value)
-    assert (error.reason, error.retry_delay_s) == ("PROVIDER_RATE_LIMITED", 3)
+    assert (error.reason, error.retry_delay_s) == ("UPSTREAM_RATE_LIMITED", 3)
     assert "slow down" not in error.message  # the provider's body is never passed on
 
 

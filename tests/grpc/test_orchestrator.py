@@ -165,7 +165,7 @@ async def test_executor_reasons_reach_the_client_unchanged(
     orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:
     limited = await failure(orchestrator, test_keys.acme, ask(model="mock-rate-limited"))
-    assert (limited.reason, limited.retry_delay_s) == ("PROVIDER_RATE_LIMITED", 2)
+    assert (limited.reason, limited.retry_delay_s) == ("UPSTREAM_RATE_LIMITED", 2)
     down = await failure(orchestrator, test_keys.acme, ask(model="mock-error"))
     assert (down.code, down.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
     await _settled(redis_db, "outcome_failure", 2)

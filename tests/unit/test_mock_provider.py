@@ -12,10 +12,10 @@ import pytest
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig
 from services.common.errors import (
-    ProviderProtocolError,
-    ProviderRateLimited,
+    BadUpstreamResponse,
     ProviderUnavailable,
     StreamInterrupted,
+    UpstreamRateLimited,
 )
 from services.executor.providers.base import (
     Accepted,
@@ -199,17 +199,17 @@ async def test_stop_sequence_at_a_word_boundary_counts_only_words_sent():
 async def test_rate_limited_raises_with_retry_after_from_options():
     request = make_request(upstream_model="rate-limited", options={"retry_after_s": 7})
     events: list[Event] = []
-    with pytest.raises(ProviderRateLimited) as info:
+    with pytest.raises(UpstreamRateLimited) as info:
         await drain(MockProvider().stream(request), events)
 
     assert events == []
     assert info.value.retry_after_s == 7.0
-    assert info.value.reason == "PROVIDER_RATE_LIMITED"
+    assert info.value.reason == "UPSTREAM_RATE_LIMITED"
     assert info.value.metadata["retry_after_ms"] == "7000"
 
 
 async def test_rate_limited_defaults_to_two_seconds():
-    with pytest.raises(ProviderRateLimited) as info:
+    with pytest.raises(UpstreamRateLimited) as info:
         await MockProvider().complete(make_request(upstream_model="rate-limited"))
 
     assert info.value.retry_after_s == 2.0
@@ -223,10 +223,10 @@ async def test_error_raises_provider_unavailable():
 
 
 async def test_malformed_raises_protocol_error():
-    with pytest.raises(ProviderProtocolError) as info:
+    with pytest.raises(BadUpstreamResponse) as info:
         await MockProvider().complete(make_request(upstream_model="malformed"))
 
-    assert info.value.reason == "PROVIDER_PROTOCOL_ERROR"
+    assert info.value.reason == "BAD_UPSTREAM_RESPONSE"
 
 
 async def test_cut_sends_some_deltas_then_interrupts():

@@ -6,22 +6,25 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig, OpenAICompatibleProviderConfig
 from services.common.errors import (
+    BadUpstreamResponse,
+    ContextLengthExceeded,
+    ProviderAuthFailed,
     ProviderError,
-    ProviderProtocolError,
-    ProviderRateLimited,
-    ProviderRejected,
-    ProviderTimeout,
     ProviderUnavailable,
     StreamInterrupted,
+    UpstreamQuotaExhausted,
+    UpstreamRateLimited,
+    UpstreamTimeout,
 )
 from services.common.settings import ConfigError
-from services.common.validation import estimate_input_tokens
+from services.executor import tokens
 from services.executor.providers.base import (
     Accepted,
     Completion,
@@ -44,7 +47,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 # --- building requests and upstream answers ---------------------------------------------
 
 
-def message(role: common_pb2.Role, content: str, **extra: str) -> common_pb2.ChatMessage:
+def message(role: common_pb2.Role, content: str, **extra: Any) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(role=role, content=content, **extra)
 
 
@@ -394,9 +397,11 @@ async def test_stream_without_usage_estimates_it(connect):
 
     last = events[-1]
     assert isinstance(last, Finished)
-    assert last.usage.input_tokens == estimate_input_tokens(request.messages)
+    expected = tokens.estimate_usage(request.messages, "Hello there, this is an answer.")
+    assert last.usage == expected
+    assert last.usage.estimated
     assert last.usage.input_tokens > 0
-    assert last.usage.output_tokens > 0
+    assert last.usage.output_tokens == 8
 
 
 @pytest.mark.parametrize("done", [False, True], ids=["eof", "done-without-finish"])
@@ -417,11 +422,11 @@ async def test_stream_event_that_is_not_json_is_a_protocol_error(connect):
     provider, _ = connect(lambda _: sse_response(body))
     events: list[Event] = []
 
-    with pytest.raises(ProviderProtocolError) as info:
+    with pytest.raises(BadUpstreamResponse) as info:
         await drain(provider.stream(make_request()), events)
 
     assert events == [Accepted(), TextDelta("Hello")]
-    assert info.value.reason == "PROVIDER_PROTOCOL_ERROR"
+    assert info.value.reason == "BAD_UPSTREAM_RESPONSE"
 
 
 async def test_error_event_mid_stream_is_reported_as_interrupted(connect):
@@ -451,12 +456,12 @@ async def test_connection_lost_after_accept_is_interrupted(connect):
     assert info.value.reason == "STREAM_INTERRUPTED"
 
 
-async def test_read_timeout_mid_stream_is_a_provider_timeout(connect):
+async def test_read_timeout_mid_stream_is_an_interrupted_stream(connect):
     received = sse(chunk("Hello"), chunk(finish="stop"), done=False)
     body = then_raise(received, httpx.ReadTimeout("stalled"))
     provider, _ = connect(lambda _: httpx.Response(200, headers=SSE_HEADERS, content=body))
 
-    with pytest.raises(ProviderTimeout):
+    with pytest.raises(StreamInterrupted):
         await collect(provider, make_request())
 
 
@@ -464,7 +469,7 @@ async def test_stream_chunk_with_a_bad_delta_is_a_protocol_error(connect):
     body = sse({"model": "m", "choices": [{"index": 0, "delta": "Hello"}]})
     provider, _ = connect(lambda _: sse_response(body))
 
-    with pytest.raises(ProviderProtocolError):
+    with pytest.raises(BadUpstreamResponse):
         await collect(provider, make_request())
 
 
@@ -500,11 +505,11 @@ async def test_429_with_retry_after_is_rate_limited(connect, mode):
         json_response(429, {"error": {"code": "rate_limit_exceeded"}}, **{"retry-after": "3"})
     )
 
-    with pytest.raises(ProviderRateLimited) as info:
+    with pytest.raises(UpstreamRateLimited) as info:
         await call(provider, make_request(), mode)
 
     assert info.value.retry_after_s == 3
-    assert info.value.reason == "PROVIDER_RATE_LIMITED"
+    assert info.value.reason == "UPSTREAM_RATE_LIMITED"
     assert info.value.metadata["http_status"] == "429"
 
 
@@ -513,11 +518,11 @@ async def test_429_insufficient_quota_is_quota_exhausted_without_retry_delay(con
     body = {"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}
     provider, _ = connect(json_response(429, body, **{"retry-after": "20"}))
 
-    with pytest.raises(ProviderRateLimited) as info:
+    with pytest.raises(UpstreamQuotaExhausted) as info:
         await call(provider, make_request(), mode)
 
-    assert info.value.reason == "PROVIDER_QUOTA_EXHAUSTED"
-    assert info.value.retry_after_s is None
+    assert info.value.reason == "UPSTREAM_QUOTA_EXHAUSTED"
+    assert not info.value.retryable
     assert info.value.details() == []
     assert "retry_after_ms" not in info.value.metadata
 
@@ -534,14 +539,15 @@ async def test_500_is_provider_unavailable(connect, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_400_is_rejected_with_the_code_but_not_the_provider_message(connect, mode):
+async def test_400_context_length_is_its_own_reason_without_the_provider_message(connect, mode):
     body = {"error": {"code": "context_length_exceeded", "message": "secret details"}}
     provider, _ = connect(json_response(400, body))
 
-    with pytest.raises(ProviderRejected) as info:
+    with pytest.raises(ContextLengthExceeded) as info:
         await call(provider, make_request(), mode)
 
-    assert info.value.reason == "PROVIDER_REJECTED_REQUEST"
+    assert info.value.reason == "CONTEXT_LENGTH_EXCEEDED"
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "context_length_exceeded" in info.value.message
     assert "secret details" not in str(info.value)
     assert "secret details" not in " ".join(info.value.metadata.values())
@@ -551,10 +557,11 @@ async def test_400_is_rejected_with_the_code_but_not_the_provider_message(connec
 async def test_401_is_auth_failed(connect, mode):
     provider, _ = connect(json_response(401, {"error": {"code": "invalid_api_key"}}))
 
-    with pytest.raises(ProviderUnavailable) as info:
+    with pytest.raises(ProviderAuthFailed) as info:
         await call(provider, make_request(), mode)
 
     assert info.value.reason == "PROVIDER_AUTH_FAILED"
+    assert not info.value.retryable
 
 
 async def test_http_error_on_stream_yields_nothing_before_raising(connect):
@@ -588,10 +595,10 @@ async def test_connect_error_is_provider_unavailable(connect, mode):
 async def test_read_timeout_is_provider_timeout(connect, mode):
     provider, _ = connect(raising(httpx.ReadTimeout("timed out")))
 
-    with pytest.raises(ProviderTimeout) as info:
+    with pytest.raises(UpstreamTimeout) as info:
         await call(provider, make_request(), mode)
 
-    assert info.value.reason == "PROVIDER_TIMEOUT"
+    assert info.value.reason == "UPSTREAM_TIMEOUT"
 
 
 # --- the unary answer ---------------------------------------------------------------------
@@ -638,8 +645,8 @@ async def test_complete_without_usage_estimates_it(connect):
 
     completion = await provider.complete(request)
 
-    assert completion.usage.input_tokens == estimate_input_tokens(request.messages)
-    assert completion.usage.output_tokens > 0
+    assert completion.usage == tokens.estimate_usage(request.messages, completion.text)
+    assert completion.usage.estimated
 
 
 @pytest.mark.parametrize(
@@ -650,7 +657,7 @@ async def test_complete_without_usage_estimates_it(connect):
 async def test_complete_unreadable_answer_is_a_protocol_error(connect, content):
     provider, _ = connect(lambda _: httpx.Response(200, content=content))
 
-    with pytest.raises(ProviderProtocolError):
+    with pytest.raises(BadUpstreamResponse):
         await provider.complete(make_request())
 
 

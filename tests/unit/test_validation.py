@@ -155,9 +155,11 @@ def test_assistant_message_may_be_empty_but_others_may_not():
     config, _ = check_generation(CATALOG, "small", messages, common_pb2.GenerationParams())
     assert config.name == "small"
 
-    for role in (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_TOOL):
+    tool_result = msg(common_pb2.ROLE_TOOL, "")
+    tool_result.tool_call_id = "call_1"
+    for message in (msg(common_pb2.ROLE_SYSTEM, ""), tool_result):
         with pytest.raises(RequestInvalid) as caught:
-            check_generation(CATALOG, "small", [msg(role, "")], common_pb2.GenerationParams())
+            check_generation(CATALOG, "small", [message], common_pb2.GenerationParams())
         assert violated_fields(caught.value) == ["messages[0].content"]
 
 
@@ -193,3 +195,107 @@ def test_estimate_counts_multibyte_text_by_bytes():
     cjk_estimate = estimate_input_tokens([msg(content=cjk_text)])
 
     assert cjk_estimate - ascii_estimate == (120 - 40) // 4
+
+
+def tool(name: str = "lookup", parameters: str = '{"type": "object"}') -> common_pb2.Tool:
+    return common_pb2.Tool(name=name, description="finds things", parameters_json=parameters)
+
+
+@pytest.mark.parametrize(
+    ("params", "fields"),
+    [
+        (common_pb2.GenerationParams(tools=[tool("has space")]), ["params.tools[0].name"]),
+        (
+            common_pb2.GenerationParams(tools=[tool(parameters="[1, 2]")]),
+            ["params.tools[0].parameters_json"],
+        ),
+        (common_pb2.GenerationParams(tools=[tool(), tool()]), ["params.tools"]),
+        (
+            common_pb2.GenerationParams(
+                tool_choice=common_pb2.ToolChoice(mode=common_pb2.TOOL_CHOICE_MODE_REQUIRED)
+            ),
+            ["params.tool_choice"],
+        ),
+        (
+            common_pb2.GenerationParams(
+                tools=[tool()],
+                tool_choice=common_pb2.ToolChoice(
+                    mode=common_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name="other"
+                ),
+            ),
+            ["params.tool_choice.function_name"],
+        ),
+        (
+            common_pb2.GenerationParams(
+                response_format=common_pb2.ResponseFormat(
+                    type=common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema="nope"
+                )
+            ),
+            ["params.response_format.schema_name", "params.response_format.json_schema"],
+        ),
+    ],
+    ids=[
+        "bad-name",
+        "schema-not-object",
+        "duplicate",
+        "choice-without-tools",
+        "unknown-function",
+        "schema",
+    ],
+)
+def test_tools_and_formats_are_checked(params, fields):
+    with pytest.raises(RequestInvalid) as caught:
+        check_generation(CATALOG, "small", [msg()], params)
+    assert violated_fields(caught.value) == fields
+
+
+def test_valid_tools_and_schema_pass():
+    params = common_pb2.GenerationParams(
+        tools=[tool(), tool("other", "")],
+        tool_choice=common_pb2.ToolChoice(
+            mode=common_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name="other"
+        ),
+        response_format=common_pb2.ResponseFormat(
+            type=common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            schema_name="answer",
+            json_schema='{"type": "object"}',
+        ),
+    )
+    config, _ = check_generation(CATALOG, "small", [msg()], params)
+    assert config.name == "small"
+
+
+def test_tool_call_messages_are_checked():
+    call = common_pb2.ToolCall(id="call_1", name="lookup", arguments_json="{}")
+    good = [
+        msg(),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, tool_calls=[call]),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, tool_call_id="call_1", content="42"),
+    ]
+    check_generation(CATALOG, "small", good, common_pb2.GenerationParams())
+    bad = [
+        common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="x", tool_calls=[call]),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, content="42"),
+        common_pb2.ChatMessage(
+            role=common_pb2.ROLE_ASSISTANT, tool_calls=[common_pb2.ToolCall(name="lookup")]
+        ),
+    ]
+    with pytest.raises(RequestInvalid) as caught:
+        check_generation(CATALOG, "small", bad, common_pb2.GenerationParams())
+    assert violated_fields(caught.value) == [
+        "messages[0].tool_calls",
+        "messages[1].tool_call_id",
+        "messages[2].tool_calls[0]",
+    ]
+
+
+def test_an_embedding_model_cannot_chat():
+    catalog = Catalog.model_validate(
+        {
+            "providers": {"p": {"kind": "mock"}},
+            "models": {"vec": {"provider": "p", "upstream_model": "v", "kind": "embedding"}},
+        }
+    )
+    with pytest.raises(RequestInvalid) as caught:
+        check_generation(catalog, "vec", [msg()], common_pb2.GenerationParams())
+    assert violated_fields(caught.value) == ["model"]

@@ -1,15 +1,15 @@
 """What every provider adapter implements, in Strata's own terms.
 
 A provider turns a `ProviderRequest` into a stream of events: `Accepted` once the provider
-has taken the call, `TextDelta`s in order, then exactly one `Finished` — or it raises a
-`services.common.errors.ProviderError`. It never retries or falls back; the layer above
-decides that.
+has taken the call, then the answer as `TextDelta`s and `ToolCallPiece`s in order, then
+exactly one `Finished` — or it raises a `services.common.errors.ProviderError`. It never
+retries, waits or falls back; `services.executor.attempts` decides that.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common.calls import Deadline
@@ -32,14 +32,21 @@ class ProviderRequest:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The provider accepted the call; output may follow."""
+    """The provider accepted the call (its response headers arrived); no answer yet."""
 
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """The next piece of the answer."""
+    """The next piece of the answer's text."""
 
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPiece:
+    """The next piece of a tool call."""
+
+    delta: common_pb2.ToolCallDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,9 @@ class Finished:
     provider_model: str
 
 
-Event = Accepted | TextDelta | Finished
+Event = Accepted | TextDelta | ToolCallPiece | Finished
+Content = TextDelta | ToolCallPiece | Finished
+"""Events that are part of the answer; the first one commits the call (no more retries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +71,32 @@ class Completion:
     finish_reason: common_pb2.FinishReason
     usage: common_pb2.Usage
     provider_model: str
+    tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors for a batch of texts, in input order."""
+
+    vectors: list[list[float]]
+    usage: common_pb2.Usage
 
 
 class Provider(Protocol):
     """A model provider adapter."""
 
     def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
-        """Streams the answer; closing the iterator early closes the upstream call."""
+        """Streams the answer; closing the generator early closes the upstream call."""
         ...
 
     async def complete(self, request: ProviderRequest) -> Completion:
         """The whole answer in one call."""
+        ...
+
+    async def embed(
+        self, model: ModelConfig, inputs: Sequence[str], deadline: Deadline
+    ) -> Embeddings:
+        """Embeddings of `inputs` with an embedding model."""
         ...
 
     async def aclose(self) -> None:

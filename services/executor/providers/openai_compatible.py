@@ -1,44 +1,39 @@
 """Any server speaking OpenAI's Chat Completions API: vLLM, Ollama, llama.cpp, hosted clones.
 
 Translates Strata's request into `POST {base_url}/chat/completions`, unary or streamed over
-server-sent events with `stream_options.include_usage`, and the answer back. One pooled
-`httpx.AsyncClient` per provider entry. Failures become `ProviderError`s; the provider's
-body is never passed on, only its HTTP status and, when it is a plain token, its error code.
+server-sent events with `stream_options.include_usage` (tools, tool choice and response
+format passed through), and the answer back, tool calls included; embeddings through
+`POST {base_url}/embeddings`. One pooled HTTP client per provider entry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import re
-from collections.abc import AsyncGenerator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, ClassVar
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from services.common.catalog import OpenAICompatibleProviderConfig
-from services.common.errors import (
-    ProviderError,
-    ProviderProtocolError,
-    ProviderRateLimited,
-    ProviderRejected,
-    ProviderTimeout,
-    ProviderUnavailable,
-    StreamInterrupted,
+from services.common.calls import Deadline
+from services.common.catalog import (
+    ModelConfig,
+    OpenAICompatibleProviderConfig,
+    OpenAIProviderConfig,
 )
-from services.common.settings import ConfigError
-from services.common.validation import estimate_input_tokens
+from services.common.errors import BadUpstreamResponse, StreamInterrupted
+from services.executor import tokens
+from services.executor.providers import http
 from services.executor.providers.base import (
     Accepted,
     Completion,
+    Embeddings,
     Event,
     Finished,
     ProviderRequest,
     TextDelta,
+    ToolCallPiece,
 )
 from strata.common.v1 import common_pb2
 
@@ -57,108 +52,69 @@ FINISH_REASONS = {
     "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
     "function_call": common_pb2.FINISH_REASON_TOOL_CALLS,
 }
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_MAX_ERROR_BODY = 64 * 1024
-DEFAULT_STALL_TIMEOUT_S = 60.0
-"""Longest wait for the next bytes of a response, unless the model sets `stall_timeout_s`."""
+_TOOL_CHOICES = {
+    common_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    common_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    common_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+_FORMATS = {
+    common_pb2.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+}
 
 
-def _api_key(name: str, config: OpenAICompatibleProviderConfig) -> str | None:
-    if config.api_key_file is not None:
-        try:
-            return Path(config.api_key_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"provider {name!r}: cannot read api_key_file: {err}") from err
-    if config.api_key_env is not None:
-        key = os.environ.get(config.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"provider {name!r}: environment variable {config.api_key_env} is not set"
-            )
-        return key
-    return None
+def _message(m: common_pb2.ChatMessage) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": _ROLES[m.role], "content": m.content}
+    if m.name:
+        message["name"] = m.name
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        message["content"] = m.content or None
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments_json},
+            }
+            for c in m.tool_calls
+        ]
+    return message
 
 
-def chat_body(request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
-    """The JSON body of a chat-completions call."""
-    messages = []
-    for m in request.messages:
-        message: dict[str, Any] = {"role": _ROLES[m.role], "content": m.content}
-        if m.name:
-            message["name"] = m.name
-        if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
-        messages.append(message)
-    body: dict[str, Any] = {
-        "model": request.model.upstream_model,
-        "messages": messages,
-        "max_tokens": request.max_output_tokens,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    params = request.params
-    if params.HasField("temperature"):
-        body["temperature"] = params.temperature
-    if params.HasField("top_p"):
-        body["top_p"] = params.top_p
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.HasField("seed"):
-        body["seed"] = params.seed
-    return body
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = response.headers.get(header)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
-    return None
-
-
-def _error_code(body: bytes) -> str:
-    """The provider's error code or type, when it is a plain token; never free text."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return ""
-    if not isinstance(error, dict):
-        return ""
-    for field in ("code", "type"):
-        value = error.get(field)
-        if isinstance(value, str) and _ERROR_CODE.fullmatch(value):
-            return value
-    return ""
-
-
-def status_error(provider: str, response: httpx.Response, body: bytes) -> ProviderError:
-    """The error for a non-2xx answer."""
-    status = response.status_code
-    code = _error_code(body)
-    what = f"provider {provider!r} answered HTTP {status}" + (f" ({code})" if code else "")
-    metadata = {"provider": provider, "http_status": str(status)}
-    if code:
-        metadata["provider_code"] = code
-    if status == 429:
-        if code == "insufficient_quota":
-            return ProviderRateLimited(
-                what, retry_after_s=None, reason="PROVIDER_QUOTA_EXHAUSTED", metadata=metadata
-            )
-        return ProviderRateLimited(what, retry_after_s=_retry_after_s(response), metadata=metadata)
-    if status in (401, 403):
-        return ProviderUnavailable(what, reason="PROVIDER_AUTH_FAILED", metadata=metadata)
-    if status in (408, 504):
-        return ProviderTimeout(what, metadata=metadata)
-    if 400 <= status < 500:
-        return ProviderRejected(what, metadata=metadata)
-    return ProviderUnavailable(what, metadata=metadata)
+def _tools(params: common_pb2.GenerationParams, body: dict[str, Any]) -> None:
+    if params.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": json.loads(t.parameters_json or "{}"),
+                },
+            }
+            for t in params.tools
+        ]
+    mode = params.tool_choice.mode
+    if mode == common_pb2.TOOL_CHOICE_MODE_FUNCTION:
+        body["tool_choice"] = {
+            "type": "function",
+            "function": {"name": params.tool_choice.function_name},
+        }
+    elif mode in _TOOL_CHOICES:
+        body["tool_choice"] = _TOOL_CHOICES[mode]
+    fmt = params.response_format
+    if fmt.type == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": fmt.schema_name,
+                "schema": json.loads(fmt.json_schema),
+                "strict": fmt.strict,
+            },
+        }
+    elif fmt.type in _FORMATS:
+        body["response_format"] = {"type": _FORMATS[fmt.type]}
 
 
 def _usage(raw: Any) -> common_pb2.Usage | None:
@@ -171,55 +127,76 @@ def _usage(raw: Any) -> common_pb2.Usage | None:
     return common_pb2.Usage(input_tokens=prompt, output_tokens=completion)
 
 
-def _delta_text(provider: str, choice: dict[str, Any]) -> str | None:
+def _delta(provider: str, choice: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    """The text and tool-call pieces of one streamed choice."""
     delta = choice.get("delta") or {}
-    text = delta.get("content") if isinstance(delta, dict) else delta
-    if not isinstance(delta, dict) or (text is not None and not isinstance(text, str)):
-        raise ProviderProtocolError(f"provider {provider!r} sent a delta that is not text")
-    return text
+    if not isinstance(delta, dict):
+        raise BadUpstreamResponse(f"provider {provider!r} sent a delta that is not an object")
+    text = delta.get("content")
+    calls = delta.get("tool_calls") or []
+    if (text is not None and not isinstance(text, str)) or not isinstance(calls, list):
+        raise BadUpstreamResponse(f"provider {provider!r} sent a malformed delta")
+    return text, calls
 
 
-def _estimated_usage(request: ProviderRequest, text: str) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        input_tokens=estimate_input_tokens(request.messages),
-        output_tokens=math.ceil(len(text.encode()) / 4),
-    )
+def _tool_piece(provider: str, raw: Any) -> common_pb2.ToolCallDelta:
+    try:
+        function = raw.get("function") or {}
+        return common_pb2.ToolCallDelta(
+            index=int(raw.get("index", 0)),
+            id=raw.get("id") or "",
+            name=function.get("name") or "",
+            arguments_json=function.get("arguments") or "",
+        )
+    except (AttributeError, TypeError, ValueError) as err:
+        raise BadUpstreamResponse(f"provider {provider!r} sent a malformed tool call") from err
 
 
 class OpenAICompatibleProvider:
-    """Chat completions over HTTP, pooled per provider entry."""
+    """Chat completions and embeddings over HTTP, pooled per provider entry."""
+
+    token_limit_field: ClassVar[str] = "max_tokens"
+    """The request field that bounds output tokens (OpenAI's own API renamed it)."""
 
     def __init__(
         self,
         name: str,
-        config: OpenAICompatibleProviderConfig,
+        config: OpenAICompatibleProviderConfig | OpenAIProviderConfig,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
-        self._config = config
-        headers = {"user-agent": "strata-executor", **config.headers}
-        key = _api_key(name, config)
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/") + "/",
-            headers=headers,
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-            ),
-            transport=transport,
-        )
+        key = http.api_key(name, config)
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        headers.update(self.extra_headers(config))
+        self._client = http.pooled_client(config, headers, transport)
 
-    def _timeout(self, request: ProviderRequest) -> httpx.Timeout:
-        remaining = request.deadline.remaining()
-        stall = float(request.model.options.get("stall_timeout_s", DEFAULT_STALL_TIMEOUT_S))
-        return httpx.Timeout(
-            connect=min(self._config.connect_timeout_s, remaining),
-            read=min(stall, remaining),
-            write=remaining,
-            pool=remaining,
-        )
+    def extra_headers(
+        self, config: OpenAICompatibleProviderConfig | OpenAIProviderConfig
+    ) -> dict[str, str]:
+        """Headers a subclass adds to every request."""
+        return {}
+
+    def chat_body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
+        """The JSON body of a chat-completions call."""
+        body: dict[str, Any] = {
+            "model": request.model.upstream_model,
+            "messages": [_message(m) for m in request.messages],
+            self.token_limit_field: request.max_output_tokens,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        params = request.params
+        if params.HasField("temperature"):
+            body["temperature"] = params.temperature
+        if params.HasField("top_p"):
+            body["top_p"] = params.top_p
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.HasField("seed"):
+            body["seed"] = params.seed
+        _tools(params, body)
+        return body
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
         parts: list[str] = []
@@ -232,15 +209,14 @@ class OpenAICompatibleProvider:
                 self._client,
                 "POST",
                 "chat/completions",
-                json=chat_body(request, stream=True),
+                json=self.chat_body(request, stream=True),
                 # a copy: the SSE helper adds its own headers to the dict it is given
                 headers=dict(request.model.headers),
-                timeout=self._timeout(request),
+                timeout=http.timeout(request.model, request.deadline),
             ) as source:
                 response = source.response
                 if response.status_code != 200:
-                    body = await response.aread()
-                    raise status_error(self.name, response, body[:_MAX_ERROR_BODY])
+                    raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
                 async for sse in source.aiter_sse():
@@ -248,78 +224,121 @@ class OpenAICompatibleProvider:
                         continue  # comments and keep-alive events carry no data
                     if sse.data == "[DONE]":
                         break
-                    try:
-                        chunk = json.loads(sse.data)
-                    except ValueError as err:
-                        raise ProviderProtocolError(
-                            f"provider {self.name!r} sent an event that is not JSON"
-                        ) from err
-                    if not isinstance(chunk, dict):
-                        raise ProviderProtocolError(f"provider {self.name!r} sent a bad event")
+                    chunk = http.json_event(self.name, sse.data)
                     if "error" in chunk:
-                        raise ProviderUnavailable(
-                            f"provider {self.name!r} reported an error mid-stream",
-                            reason="STREAM_INTERRUPTED",
+                        raise StreamInterrupted(
+                            f"provider {self.name!r} reported an error mid-stream"
                         )
                     provider_model = chunk.get("model") or provider_model
                     usage = _usage(chunk.get("usage")) or usage
                     for choice in chunk.get("choices") or ():
                         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                             continue
-                        text = _delta_text(self.name, choice)
+                        text, calls = _delta(self.name, choice)
                         if text:
                             parts.append(text)
                             yield TextDelta(text)
+                        for raw in calls:
+                            piece = _tool_piece(self.name, raw)
+                            parts.append(piece.arguments_json)
+                            yield ToolCallPiece(piece)
                         reason = choice.get("finish_reason")
                         if reason:
                             finish = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
-        except httpx.TimeoutException as err:
-            raise ProviderTimeout(f"provider {self.name!r} did not answer in time") from err
         except SSEError as err:
-            raise ProviderProtocolError(
+            raise BadUpstreamResponse(
                 f"provider {self.name!r} answered a stream request without an event stream"
             ) from err
-        except httpx.TransportError as err:
+        except httpx.HTTPError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err
-            raise ProviderUnavailable(f"provider {self.name!r} is unreachable") from err
+            raise http.transport_error(self.name, err) from err
         if finish is None:
             raise StreamInterrupted(f"provider {self.name!r}'s stream ended before its final event")
         if usage is None:
-            log.warning("provider %r reported no usage; estimating it", self.name)
-            usage = _estimated_usage(request, "".join(parts))
+            log.warning("provider %r reported no usage; counting it with the tokenizer", self.name)
+            usage = tokens.estimate_usage(request.messages, "".join(parts))
         yield Finished(finish_reason=finish, usage=usage, provider_model=provider_model)
 
     async def complete(self, request: ProviderRequest) -> Completion:
         try:
             response = await self._client.post(
                 "chat/completions",
-                json=chat_body(request, stream=False),
+                json=self.chat_body(request, stream=False),
                 headers=request.model.headers,
-                timeout=self._timeout(request),
+                timeout=http.timeout(request.model, request.deadline),
             )
-        except httpx.TimeoutException as err:
-            raise ProviderTimeout(f"provider {self.name!r} did not answer in time") from err
-        except httpx.TransportError as err:
-            raise ProviderUnavailable(f"provider {self.name!r} is unreachable") from err
+        except httpx.HTTPError as err:
+            raise http.transport_error(self.name, err) from err
         if response.status_code != 200:
-            raise status_error(self.name, response, response.content[:_MAX_ERROR_BODY])
+            raise http.status_error(self.name, response, response.content)
+        body = http.json_body(self.name, response)
         try:
-            body = response.json()
             choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
-            finish = FINISH_REASONS.get(
-                choice.get("finish_reason") or "stop", common_pb2.FINISH_REASON_STOP
-            )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            raise ProviderProtocolError(
-                f"provider {self.name!r} sent an unreadable answer"
-            ) from err
+            message = choice["message"]
+            text = message.get("content") or ""
+            calls = [
+                common_pb2.ToolCall(
+                    id=c["id"],
+                    name=c["function"]["name"],
+                    arguments_json=c["function"]["arguments"],
+                )
+                for c in message.get("tool_calls") or ()
+            ]
+            reason = choice.get("finish_reason") or "stop"
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise BadUpstreamResponse(f"provider {self.name!r} sent an unreadable answer") from err
+        if not isinstance(text, str):
+            raise BadUpstreamResponse(f"provider {self.name!r} sent an unreadable answer")
         usage = _usage(body.get("usage"))
         if usage is None:
-            log.warning("provider %r reported no usage; estimating it", self.name)
-            usage = _estimated_usage(request, text)
-        return Completion(text, finish, usage, body.get("model") or request.model.upstream_model)
+            log.warning("provider %r reported no usage; counting it with the tokenizer", self.name)
+            usage = tokens.estimate_usage(
+                request.messages, text + "".join(c.arguments_json for c in calls)
+            )
+        return Completion(
+            text,
+            FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP),
+            usage,
+            body.get("model") or request.model.upstream_model,
+            calls,
+        )
+
+    async def embed(
+        self, model: ModelConfig, inputs: Sequence[str], deadline: Deadline
+    ) -> Embeddings:
+        body: dict[str, Any] = {
+            "model": model.upstream_model,
+            "input": list(inputs),
+            "encoding_format": "float",
+        }
+        if model.dimensions:
+            body["dimensions"] = model.dimensions
+        try:
+            response = await self._client.post(
+                "embeddings",
+                json=body,
+                headers=model.headers,
+                timeout=http.timeout(model, deadline),
+            )
+        except httpx.HTTPError as err:
+            raise http.transport_error(self.name, err) from err
+        if response.status_code != 200:
+            raise http.status_error(self.name, response, response.content)
+        answer = http.json_body(self.name, response)
+        try:
+            rows = sorted(answer["data"], key=lambda row: row["index"])
+            vectors = [[float(v) for v in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as err:
+            raise BadUpstreamResponse(f"provider {self.name!r} sent unreadable embeddings") from err
+        if len(vectors) != len(inputs):
+            raise BadUpstreamResponse(f"provider {self.name!r} sent {len(vectors)} embeddings")
+        prompt = (answer.get("usage") or {}).get("prompt_tokens")
+        usage = common_pb2.Usage(
+            input_tokens=prompt if isinstance(prompt, int) else sum(map(tokens.count, inputs)),
+            estimated=not isinstance(prompt, int),
+        )
+        return Embeddings(vectors=vectors, usage=usage)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstrata/cache/v1/cache.proto\x12\x0fstrata.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dstrata/common/v1/common.proto\"b\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xc0\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"l\n\rLookupRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\"l\n\x0eLookupResponse\x12+\n\x05match\x18\x01 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12-\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\"\xc2\x01\n\x0cStoreRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12-\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t2\xa1\x01\n\x0c\x43\x61\x63heService\x12I\n\x06Lookup\x12\x1e.strata.cache.v1.LookupRequest\x1a\x1f.strata.cache.v1.LookupResponse\x12\x46\n\x05Store\x12\x1d.strata.cache.v1.StoreRequest\x1a\x1e.strata.cache.v1.StoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstrata/cache/v1/cache.proto\x12\x0fstrata.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dstrata/common/v1/common.proto\"b\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xf0\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"l\n\rLookupRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\"l\n\x0eLookupResponse\x12+\n\x05match\x18\x01 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12-\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\"\xc2\x01\n\x0cStoreRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12-\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t2\xa1\x01\n\x0c\x43\x61\x63heService\x12I\n\x06Lookup\x12\x1e.strata.cache.v1.LookupRequest\x1a\x1f.strata.cache.v1.LookupResponse\x12\x46\n\x05Store\x12\x1d.strata.cache.v1.StoreRequest\x1a\x1e.strata.cache.v1.StoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHESCOPE']._serialized_start=144
   _globals['_CACHESCOPE']._serialized_end=242
   _globals['_CACHEDANSWER']._serialized_start=245
-  _globals['_CACHEDANSWER']._serialized_end=437
-  _globals['_LOOKUPREQUEST']._serialized_start=439
-  _globals['_LOOKUPREQUEST']._serialized_end=547
-  _globals['_LOOKUPRESPONSE']._serialized_start=549
-  _globals['_LOOKUPRESPONSE']._serialized_end=657
-  _globals['_STOREREQUEST']._serialized_start=660
-  _globals['_STOREREQUEST']._serialized_end=854
-  _globals['_STORERESPONSE']._serialized_start=856
-  _globals['_STORERESPONSE']._serialized_end=889
-  _globals['_CACHESERVICE']._serialized_start=892
-  _globals['_CACHESERVICE']._serialized_end=1053
+  _globals['_CACHEDANSWER']._serialized_end=485
+  _globals['_LOOKUPREQUEST']._serialized_start=487
+  _globals['_LOOKUPREQUEST']._serialized_end=595
+  _globals['_LOOKUPRESPONSE']._serialized_start=597
+  _globals['_LOOKUPRESPONSE']._serialized_end=705
+  _globals['_STOREREQUEST']._serialized_start=708
+  _globals['_STOREREQUEST']._serialized_end=902
+  _globals['_STORERESPONSE']._serialized_start=904
+  _globals['_STORERESPONSE']._serialized_end=937
+  _globals['_CACHESERVICE']._serialized_start=940
+  _globals['_CACHESERVICE']._serialized_end=1101
 # @@protoc_insertion_point(module_scope)

@@ -25,33 +25,41 @@ _sym_db = _symbol_database.Default()
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!strata/executor/v1/executor.proto\x12\x12strata.executor.v1\x1a\x1dstrata/common/v1/common.proto\"\x99\x01\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x08messages\x18\x03 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x04 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xcc\x01\n\x10\x43ompleteResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eprovider_model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\"\x9f\x01\n\x15StreamCompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x08messages\x18\x03 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x04 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xc0\x03\n\x16StreamCompleteResponse\x12\x41\n\x05start\x18\x01 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.StartH\x00\x12\x41\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.DeltaH\x00\x12\x41\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.FinalH\x00\x1a\x16\n\x05Start\x12\r\n\x05model\x18\x01 \x01(\t\x1a\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x1a\xa4\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x16\n\x0eprovider_model\x18\x04 \x01(\tB\x07\n\x05\x63hunk\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xcd\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12+\n#input_usd_micros_per_million_tokens\x18\x04 \x01(\x03\x12,\n$output_usd_micros_per_million_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\x12\x16\n\x0e\x63ontext_window\x18\x07 \x01(\x05\"X\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.strata.executor.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb0\x02\n\x0f\x45xecutorService\x12U\n\x08\x43omplete\x12#.strata.executor.v1.CompleteRequest\x1a$.strata.executor.v1.CompleteResponse\x12i\n\x0eStreamComplete\x12).strata.executor.v1.StreamCompleteRequest\x1a*.strata.executor.v1.StreamCompleteResponse0\x01\x12[\n\nListModels\x12%.strata.executor.v1.ListModelsRequest\x1a&.strata.executor.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!strata/executor/v1/executor.proto\x12\x12strata.executor.v1\x1a\x1dstrata/common/v1/common.proto\"\x99\x01\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x08messages\x18\x03 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x04 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xfc\x01\n\x10\x43ompleteResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eprovider_model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12.\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"\x9f\x01\n\x15StreamCompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x08messages\x18\x03 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x04 \x01(\x0b\x32\".strata.common.v1.GenerationParams\"\xf5\x03\n\x16StreamCompleteResponse\x12\x41\n\x05start\x18\x01 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.StartH\x00\x12\x41\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.DeltaH\x00\x12\x41\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x30.strata.executor.v1.StreamCompleteResponse.FinalH\x00\x1a\x16\n\x05Start\x12\r\n\x05model\x18\x01 \x01(\t\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xa4\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x16\n\x0eprovider_model\x18\x04 \x01(\tB\x07\n\x05\x63hunk\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xfa\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12+\n#input_usd_micros_per_million_tokens\x18\x04 \x01(\x03\x12,\n$output_usd_micros_per_million_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\x12\x16\n\x0e\x63ontext_window\x18\x07 \x01(\x05\x12+\n\x04kind\x18\x08 \x01(\x0e\x32\x1d.strata.executor.v1.ModelKind\"A\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9f\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\nembeddings\x18\x02 \x03(\x0b\x32\x1d.strata.executor.v1.Embedding\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x16.strata.common.v1.Cost\"X\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.strata.executor.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x32\xfe\x02\n\x0f\x45xecutorService\x12U\n\x08\x43omplete\x12#.strata.executor.v1.CompleteRequest\x1a$.strata.executor.v1.CompleteResponse\x12i\n\x0eStreamComplete\x12).strata.executor.v1.StreamCompleteRequest\x1a*.strata.executor.v1.StreamCompleteResponse0\x01\x12L\n\x05\x45mbed\x12 .strata.executor.v1.EmbedRequest\x1a!.strata.executor.v1.EmbedResponse\x12[\n\nListModels\x12%.strata.executor.v1.ListModelsRequest\x1a&.strata.executor.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.executor.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELKIND']._serialized_start=1826
+  _globals['_MODELKIND']._serialized_end=1912
   _globals['_COMPLETEREQUEST']._serialized_start=89
   _globals['_COMPLETEREQUEST']._serialized_end=242
   _globals['_COMPLETERESPONSE']._serialized_start=245
-  _globals['_COMPLETERESPONSE']._serialized_end=449
-  _globals['_STREAMCOMPLETEREQUEST']._serialized_start=452
-  _globals['_STREAMCOMPLETEREQUEST']._serialized_end=611
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=614
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1062
-  _globals['_STREAMCOMPLETERESPONSE_START']._serialized_start=841
-  _globals['_STREAMCOMPLETERESPONSE_START']._serialized_end=863
-  _globals['_STREAMCOMPLETERESPONSE_DELTA']._serialized_start=865
-  _globals['_STREAMCOMPLETERESPONSE_DELTA']._serialized_end=886
-  _globals['_STREAMCOMPLETERESPONSE_FINAL']._serialized_start=889
-  _globals['_STREAMCOMPLETERESPONSE_FINAL']._serialized_end=1053
-  _globals['_LISTMODELSREQUEST']._serialized_start=1064
-  _globals['_LISTMODELSREQUEST']._serialized_end=1122
-  _globals['_MODEL']._serialized_start=1125
-  _globals['_MODEL']._serialized_end=1330
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1332
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1420
-  _globals['_EXECUTORSERVICE']._serialized_start=1423
-  _globals['_EXECUTORSERVICE']._serialized_end=1727
+  _globals['_COMPLETERESPONSE']._serialized_end=497
+  _globals['_STREAMCOMPLETEREQUEST']._serialized_start=500
+  _globals['_STREAMCOMPLETEREQUEST']._serialized_end=659
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=662
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1163
+  _globals['_STREAMCOMPLETERESPONSE_START']._serialized_start=889
+  _globals['_STREAMCOMPLETERESPONSE_START']._serialized_end=911
+  _globals['_STREAMCOMPLETERESPONSE_DELTA']._serialized_start=913
+  _globals['_STREAMCOMPLETERESPONSE_DELTA']._serialized_end=987
+  _globals['_STREAMCOMPLETERESPONSE_FINAL']._serialized_start=990
+  _globals['_STREAMCOMPLETERESPONSE_FINAL']._serialized_end=1154
+  _globals['_LISTMODELSREQUEST']._serialized_start=1165
+  _globals['_LISTMODELSREQUEST']._serialized_end=1223
+  _globals['_MODEL']._serialized_start=1226
+  _globals['_MODEL']._serialized_end=1476
+  _globals['_EMBEDREQUEST']._serialized_start=1478
+  _globals['_EMBEDREQUEST']._serialized_end=1543
+  _globals['_EMBEDDING']._serialized_start=1545
+  _globals['_EMBEDDING']._serialized_end=1572
+  _globals['_EMBEDRESPONSE']._serialized_start=1575
+  _globals['_EMBEDRESPONSE']._serialized_end=1734
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1736
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1824
+  _globals['_EXECUTORSERVICE']._serialized_start=1915
+  _globals['_EXECUTORSERVICE']._serialized_end=2297
 # @@protoc_insertion_point(module_scope)

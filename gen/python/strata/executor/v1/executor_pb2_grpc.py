@@ -47,6 +47,11 @@ class ExecutorServiceStub:
                 request_serializer=strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteRequest.SerializeToString,
                 response_deserializer=strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/strata.executor.v1.ExecutorService/Embed',
+                request_serializer=strata_dot_executor_dot_v1_dot_executor__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=strata_dot_executor_dot_v1_dot_executor__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/strata.executor.v1.ExecutorService/ListModels',
                 request_serializer=strata_dot_executor_dot_v1_dot_executor__pb2.ListModelsRequest.SerializeToString,
@@ -68,8 +73,17 @@ class ExecutorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamComplete(self, request, context):
-        """Streams an answer: one start chunk once the provider has accepted the call, then
-        deltas, then exactly one final chunk, or a gRPC error.
+        """Streams an answer: one start chunk once the provider has started to answer, then
+        deltas, then exactly one final chunk, or a gRPC error. A stream cut after its start is
+        UNAVAILABLE/STREAM_INTERRUPTED with the usage so far in the ErrorInfo metadata
+        (input_tokens, output_tokens).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds texts with an embedding model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +108,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.StreamComplete,
                     request_deserializer=strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteRequest.FromString,
                     response_serializer=strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=strata_dot_executor_dot_v1_dot_executor__pb2.EmbedRequest.FromString,
+                    response_serializer=strata_dot_executor_dot_v1_dot_executor__pb2.EmbedResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -158,6 +177,33 @@ class ExecutorService:
             '/strata.executor.v1.ExecutorService/StreamComplete',
             strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteRequest.SerializeToString,
             strata_dot_executor_dot_v1_dot_executor__pb2.StreamCompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.executor.v1.ExecutorService/Embed',
+            strata_dot_executor_dot_v1_dot_executor__pb2.EmbedRequest.SerializeToString,
+            strata_dot_executor_dot_v1_dot_executor__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
