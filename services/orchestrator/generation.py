@@ -54,7 +54,12 @@ _WRITES = {
     common_pb2.CACHE_MODE_READ_WRITE,
     common_pb2.CACHE_MODE_WRITE_ONLY,
 }
-_STORABLE = {common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH}
+_STORABLE = {
+    common_pb2.FINISH_REASON_STOP,
+    common_pb2.FINISH_REASON_LENGTH,
+    common_pb2.FINISH_REASON_TOOL_CALLS,
+}
+"""Answers worth reusing; a filtered answer is not."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,8 +75,9 @@ async def test_max_output_tokens_cuts_with_length(executor: Served) -> None:
 async def test_failures_have_codes_and_reasons(
     executor: Served, model: str, code: grpc.StatusCode, reason: str
 ) -> None:
+    # 1.5 s: the mock's 2 s Retry-After does not fit, so it is not waited for.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await collect(executor, stream_request(model))
+        await collect(executor, stream_request(model), timeout=1.5)
     error = rich_error(caught.value)
     assert (error.code, error.reason) == (code, reason)
     if reason == "UPSTREAM_RATE_LIMITED":
@@ -155,7 +156,7 @@ async def test_upstream_cut_is_stream_interrupted(executor: Served) -> None:
 
 async def test_upstream_429_carries_its_retry_after(executor: Served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await collect(executor, stream_request("up-429"))
+        await collect(executor, stream_request("up-429"), timeout=2)
     error = rich_error(caught.value)
     assert (error.reason, error.retry_delay_s) == ("UPSTREAM_RATE_LIMITED", 3)
     assert "slow down" not in error.message  # the provider's body is never passed on
@@ -175,3 +176,46 @@ async def test_cancelling_closes_the_upstream_stream(
     [exchange] = [e for e in upstream.calls("fake-slow") if marker in str(e.body)]
     assert await asyncio.to_thread(exchange.disconnected.wait, 5)
     assert len(exchange.sent) < 50
+
+
+async def test_embed_gives_unit_vectors_closer_for_shared_words(executor: Served) -> None:
+    texts = ["track my order", "track my parcel order", "bake a chocolate cake"]
+    reply = await executor.stub.Embed(
+        executor_pb2.EmbedRequest(request_id="e", model="mock-embed", inputs=texts)
+    )
+    vectors = [list(e.values) for e in reply.embeddings]
+    assert [len(v) for v in vectors] == [64, 64, 64]
+    for v in vectors:
+        assert abs(sum(x * x for x in v) - 1) < 1e-5
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    assert reply.usage.input_tokens == 11
+    assert reply.cost.input_usd_micros == 1  # 11 tokens at $0.02 per million, rounded up
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "code"),
+    [
+        ("mock-fast", ["hi"], grpc.StatusCode.INVALID_ARGUMENT),
+        ("mock-embed", [], grpc.StatusCode.INVALID_ARGUMENT),
+        ("mock-embed", ["ok", ""], grpc.StatusCode.INVALID_ARGUMENT),
+        ("nope", ["hi"], grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_embed_refuses_bad_input(
+    executor: Served, model: str, inputs: list[str], code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await executor.stub.Embed(
+            executor_pb2.EmbedRequest(request_id="e", model=model, inputs=inputs)
+        )
+    assert caught.value.code() == code
+
+
+async def test_an_embedding_model_cannot_chat(executor: Served) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(executor, stream_request("mock-embed"))
+    assert rich_error(caught.value).field_violations == ["model"]

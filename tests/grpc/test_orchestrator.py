@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -10,6 +11,8 @@ import grpc
 import pytest
 import redis
 
+from services.common.chat import assemble_tool_calls
+from services.executor import tokens
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
@@ -164,7 +167,9 @@ async def test_control_reasons_reach_the_client_unchanged(
 async def test_executor_reasons_reach_the_client_unchanged(
     orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:
-    limited = await failure(orchestrator, test_keys.acme, ask(model="mock-rate-limited"))
+    limited = await failure(
+        orchestrator, test_keys.acme, ask(model="mock-rate-limited"), timeout=1.5
+    )
     assert (limited.reason, limited.retry_delay_s) == ("UPSTREAM_RATE_LIMITED", 2)
     down = await failure(orchestrator, test_keys.acme, ask(model="mock-error"))
     assert (down.code, down.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
@@ -174,16 +179,66 @@ async def test_executor_reasons_reach_the_client_unchanged(
 async def test_a_cut_stream_ends_in_an_error_after_its_deltas(
     orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:
-    kinds = []
+    chunks = []
+    request = ask(model="mock-cut")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for chunk in orchestrator.stub.StreamGenerate(
-            ask(model="mock-cut"), metadata=bearer(test_keys.acme), timeout=10
+            request, metadata=bearer(test_keys.acme), timeout=10
         ):
-            kinds.append(chunk.WhichOneof("chunk"))
+            chunks.append(chunk)
+    kinds = [c.WhichOneof("chunk") for c in chunks]
     assert kinds[0] == "start" and "delta" in kinds and "final" not in kinds
     assert rich_error(caught.value).reason == "STREAM_INTERRUPTED"
     await _settled(redis_db, "outcome_failure", 1)
-    assert usage_record(redis_db)["output_tokens"] > 0  # the partial output is charged
+    # The partial output is charged as the executor counted it with the tokenizer.
+    expected = tokens.estimate_usage(request.messages, text_of(chunks))
+    usage = usage_record(redis_db)
+    assert (usage["input_tokens"], usage["output_tokens"]) == (
+        expected.input_tokens,
+        expected.output_tokens,
+    )
+
+
+async def test_tool_calls_stream_through_and_come_back_from_the_cache(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    params = common_pb2.GenerationParams(
+        tools=[common_pb2.Tool(name="lookup_order", parameters_json='{"type": "object"}')],
+        tool_choice=common_pb2.ToolChoice(mode=common_pb2.TOOL_CHOICE_MODE_REQUIRED),
+    )
+    request = orchestrator_pb2.StreamGenerateRequest(
+        model="mock-fast", messages=[user(f"where is order {uuid.uuid4().hex}")], params=params
+    )
+    for expected_status in (MISS, HIT):
+        chunks = await stream(orchestrator, test_keys.acme, request)
+        pieces = [p for c in chunks if c.HasField("delta") for p in c.delta.tool_calls]
+        [call] = assemble_tool_calls(pieces)
+        assert call.name == "lookup_order"
+        assert call.id.startswith("call_")
+        assert json.loads(call.arguments_json)["query"].startswith("where is order")
+        final = chunks[-1].final
+        assert final.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+        assert final.cache_status == expected_status
+    unary = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(
+            model=request.model, messages=request.messages, params=params
+        ),
+        metadata=bearer(test_keys.acme),
+    )
+    assert [c.name for c in unary.tool_calls] == ["lookup_order"]
+    assert unary.tool_calls[0] == call
+
+
+async def test_a_transient_provider_failure_is_retried_unseen(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    chunks = await stream(orchestrator, test_keys.acme, ask(model="mock-fail-once"))
+    assert chunks[-1].final.finish_reason == common_pb2.FINISH_REASON_STOP
+    reply = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(model="mock-fail-once", messages=[user("unary retry")]),
+        metadata=bearer(test_keys.acme),
+    )
+    assert reply.text.startswith("Mock answer")
 
 
 @pytest.mark.parametrize(

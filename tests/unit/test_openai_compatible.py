@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from services.common.calls import Deadline
-from services.common.catalog import ModelConfig, OpenAICompatibleProviderConfig
+from services.common.catalog import (
+    ModelConfig,
+    OpenAICompatibleProviderConfig,
+    OpenAIProviderConfig,
+)
+from services.common.chat import assemble_tool_calls
 from services.common.errors import (
     BadUpstreamResponse,
     ContextLengthExceeded,
@@ -32,7 +37,9 @@ from services.executor.providers.base import (
     Finished,
     ProviderRequest,
     TextDelta,
+    ToolCallPiece,
 )
+from services.executor.providers.openai import OpenAIProvider
 from services.executor.providers.openai_compatible import OpenAICompatibleProvider
 from strata.common.v1 import common_pb2
 
@@ -709,3 +716,171 @@ async def test_api_key_never_appears_in_mid_stream_errors(connect):
 
     assert API_KEY not in str(info.value)
     assert API_KEY not in " ".join(info.value.metadata.values())
+
+
+# --- tools, formats, embeddings, OpenAI's own API --------------------------------------------
+
+
+TOOLS_PARAMS = common_pb2.GenerationParams(
+    tools=[
+        common_pb2.Tool(
+            name="lookup_order",
+            description="Finds an order",
+            parameters_json='{"type": "object", "properties": {"id": {"type": "string"}}}',
+        )
+    ],
+    tool_choice=common_pb2.ToolChoice(
+        mode=common_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name="lookup_order"
+    ),
+    response_format=common_pb2.ResponseFormat(
+        type=common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        schema_name="answer",
+        json_schema='{"type": "object"}',
+        strict=True,
+    ),
+)
+
+
+async def test_tools_choice_and_schema_are_passed_through(connect):
+    provider, upstream = connect(lambda _: sse_response(GREETING))
+    call = common_pb2.ToolCall(id="call_1", name="lookup_order", arguments_json='{"id": "7"}')
+    history = [
+        message(common_pb2.ROLE_USER, "Where is order 7?"),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, tool_calls=[call]),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, tool_call_id="call_1", content="shipped"),
+    ]
+    await collect(provider, make_request(messages=history, params=TOOLS_PARAMS))
+    body = upstream.body
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup_order",
+                "description": "Finds an order",
+                "parameters": {"type": "object", "properties": {"id": {"type": "string"}}},
+            },
+        }
+    ]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "lookup_order"}}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+    }
+    assert body["messages"][1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup_order", "arguments": '{"id": "7"}'},
+            }
+        ],
+    }
+    assert body["messages"][2] == {"role": "tool", "content": "shipped", "tool_call_id": "call_1"}
+
+
+def tool_chunk(index: int, arguments: str, call_id: str = "", name: str = "") -> dict[str, Any]:
+    function: dict[str, Any] = {"arguments": arguments}
+    if name:
+        function["name"] = name
+    call: dict[str, Any] = {"index": index, "function": function}
+    if call_id:
+        call.update(id=call_id, type="function")
+    return {"model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+async def test_streamed_tool_calls_become_pieces(connect):
+    body = sse(
+        tool_chunk(0, "", "call_a", "lookup_order"),
+        tool_chunk(0, '{"id": '),
+        tool_chunk(0, '"7"}'),
+        tool_chunk(1, "{}", "call_b", "ping"),
+        chunk(finish="tool_calls"),
+        usage_chunk(12, 9),
+    )
+    provider, _ = connect(lambda _: sse_response(body))
+    events = await collect(provider, make_request(params=TOOLS_PARAMS))
+    pieces = [e.delta for e in events if isinstance(e, ToolCallPiece)]
+    calls = assemble_tool_calls(pieces)
+    assert [(c.id, c.name, c.arguments_json) for c in calls] == [
+        ("call_a", "lookup_order", '{"id": "7"}'),
+        ("call_b", "ping", "{}"),
+    ]
+    last = events[-1]
+    assert isinstance(last, Finished)
+    assert last.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+
+
+async def test_unary_tool_calls_are_parsed(connect):
+    answer = completion_body(text="", finish="tool_calls")
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ]
+    provider, _ = connect(lambda _: httpx.Response(200, json=answer))
+    completion = await provider.complete(make_request(params=TOOLS_PARAMS))
+    assert [(c.id, c.name) for c in completion.tool_calls] == [("call_a", "f")]
+    assert completion.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+
+
+async def test_embeddings_are_returned_in_input_order(connect):
+    answer = {
+        "data": [{"index": 1, "embedding": [0.0, 1.0]}, {"index": 0, "embedding": [1.0, 0.0]}],
+        "usage": {"prompt_tokens": 5},
+    }
+    provider, upstream = connect(lambda _: httpx.Response(200, json=answer))
+    model = ModelConfig(
+        name="vec", provider="upstream", upstream_model="embed-1", kind="embedding", dimensions=2
+    )
+    result = await provider.embed(model, ["first", "second"], Deadline.after(5))
+    assert result.vectors == [[1.0, 0.0], [0.0, 1.0]]
+    assert result.usage == common_pb2.Usage(input_tokens=5)
+    assert upstream.requests[0].url.path.endswith("/embeddings")
+    assert upstream.body == {
+        "model": "embed-1",
+        "input": ["first", "second"],
+        "encoding_format": "float",
+        "dimensions": 2,
+    }
+
+
+async def test_embeddings_of_the_wrong_count_are_a_bad_response(connect):
+    answer = {"data": [{"index": 0, "embedding": [1.0]}]}
+    provider, _ = connect(lambda _: httpx.Response(200, json=answer))
+    model = ModelConfig(name="vec", provider="upstream", upstream_model="e", kind="embedding")
+    with pytest.raises(BadUpstreamResponse):
+        await provider.embed(model, ["a", "b"], Deadline.after(5))
+
+
+async def test_openai_uses_max_completion_tokens_and_the_organization(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    upstream = Upstream(lambda _: sse_response(GREETING))
+    config = OpenAIProviderConfig(kind="openai", organization="org-strata")
+    provider = OpenAIProvider("openai", config, transport=httpx.MockTransport(upstream))
+    try:
+        await collect(provider, make_request(max_output_tokens=77))
+    finally:
+        await provider.aclose()
+    request = upstream.requests[0]
+    assert str(request.url) == "https://api.openai.com/v1/chat/completions"
+    assert request.headers["openai-organization"] == "org-strata"
+    assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    assert upstream.body["max_completion_tokens"] == 77
+    assert "max_tokens" not in upstream.body
+
+
+async def test_a_503_with_retry_after_asks_for_that_pause(connect):
+    provider, _ = connect(
+        json_response(503, {"error": {"type": "overloaded"}}, **{"retry-after": "4"})
+    )
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.complete(make_request())
+    assert info.value.retryable
+    assert info.value.retry_after_s == 4
+
+
+async def test_a_credit_balance_message_is_quota_exhausted(connect):
+    body = {"error": {"type": "invalid_request_error", "message": "Your credit balance is too low"}}
+    provider, _ = connect(json_response(400, body))
+    with pytest.raises(UpstreamQuotaExhausted):
+        await provider.complete(make_request())
