@@ -2,6 +2,7 @@
 
     strata chat "What is Strata?"          stream an answer (key from STRATA_API_KEY)
     strata keys create --tenant acme       print a new API key and the hash to configure
+    strata admin ...                       keys, budgets, limits, usage, breakers (see --help)
     strata dev                             run the four services locally (what `make run` does)
     strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
 
@@ -24,6 +25,7 @@ from grpc_status import rpc_status
 
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from strata_cli import admin
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -184,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=2.0)
     health.set_defaults(run=_health)
 
+    admin.add_parser(commands)
+
     dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
     dev.add_argument("--run-dir", default=".run")
     dev.add_argument("--models", default="config/models.yaml")
@@ -194,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "admin":
+        return admin.run(args)
     return int(args.run(args))
 
 

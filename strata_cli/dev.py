@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -56,7 +57,14 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
         name: int(os.environ.get(f"STRATA_{name.upper()}_PORT", port))
         for name, port in DEFAULT_PORTS.items()
     }
-    stack = LocalStack(run_dir, models_file.resolve(), tenants.resolve(), redis_url, ports)
+    token_file = run_dir / "admin.token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_hex(24) + "\n")
+        token_file.chmod(0o600)
+    admin_env = {"STRATA_CONTROL_ADMIN_TOKEN": token_file.read_text().strip()}
+    stack = LocalStack(
+        run_dir, models_file.resolve(), tenants.resolve(), redis_url, ports, env=admin_env
+    )
     print("==> starting control, cache, executor, orchestrator (logs in .run/logs/)")
     try:
         stack.start()
@@ -76,6 +84,8 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
             "\n==> Strata is running. In another terminal:\n"
             f"  export STRATA_API_KEY=$(cat {run_dir}/demo.key)\n"
             '  .venv/bin/strata chat "Hello, Strata"\n'
+            f"  export STRATA_ADMIN_TOKEN=$(cat {run_dir}/admin.token)\n"
+            "  .venv/bin/strata admin usage --tenant demo --period day\n"
             '  grpcurl -plaintext -H "authorization: Bearer $STRATA_API_KEY" -d '
             '\'{"model":"mock-small","messages":[{"role":"ROLE_USER","content":"hi"}]}\' '
             f"{stack.addresses['orchestrator']} "

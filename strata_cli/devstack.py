@@ -128,6 +128,95 @@ def wait_serving(
 
 
 @dataclass
+class ServiceProcess:
+    """One service as a subprocess: `python -m services.<service>`, its log, its port."""
+
+    service: str
+    run_dir: Path
+    settings: Mapping[str, str]
+    """Settings without the service's prefix (e.g. {"REDIS_URL": ...})."""
+    port: int = 0
+    name: str = ""
+    """Names the log and port files (default: the service); replicas need distinct names."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    address: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.service
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "logs" / f"{self.label}.log"
+
+    def spawn(self) -> ServiceProcess:
+        """Starts the process (returns at once; see `wait_bound`)."""
+        prefix = f"STRATA_{self.service.upper()}_"
+        port_file = self.run_dir / f"{self.label}.port"
+        port_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **self.env,
+            **{prefix + k: v for k, v in self.settings.items()},
+            prefix + "PORT": str(self.port),
+            prefix + "PORT_FILE": str(port_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.service}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_bound(self, timeout_s: float) -> str:
+        """Waits for the port file; returns host:port."""
+        assert self.process is not None
+        port_file = self.run_dir / f"{self.label}.port"
+        deadline = time.monotonic() + timeout_s
+        while not port_file.exists():
+            if self.process.poll() is not None:
+                raise StackError(
+                    f"{self.label} exited with {self.process.returncode}; see {self.log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise StackError(f"{self.label} did not bind a port; see {self.log_path}")
+            time.sleep(0.02)
+        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        return self.address
+
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
+        """Spawns the process and waits until it is SERVING."""
+        self.spawn()
+        try:
+            wait_serving(self.wait_bound(timeout_s), timeout_s, self.process)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def terminate(self) -> None:
+        """Sends SIGTERM (the service drains)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it is still running after `grace_s`."""
+        self.terminate()
+        if self.process is not None:
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
 class LocalStack:
     """The four services as subprocesses of this one."""
 
@@ -138,73 +227,46 @@ class LocalStack:
     ports: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for every service (settings overrides)."""
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    addresses: dict[str, str] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    def log_path(self, service: str) -> Path:
-        return self.run_dir / "logs" / f"{service}.log"
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {name: service.address for name, service in self.services.items()}
 
-    def _spawn(self, service: str, settings: Mapping[str, str]) -> None:
-        prefix = f"STRATA_{service.upper()}_"
-        port_file = self.run_dir / f"{service}.port"
-        port_file.unlink(missing_ok=True)
-        env = {
-            **os.environ,
-            **self.env,
-            **{prefix + k: v for k, v in settings.items()},
-            prefix + "PORT": str(self.ports.get(service, 0)),
-            prefix + "PORT_FILE": str(port_file),
-            "PYTHONUNBUFFERED": "1",
-        }
-        log = self.log_path(service).open("ab")
-        self.processes[service] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    def _spawn(self, service: str, settings: Mapping[str, str]) -> ServiceProcess:
+        process = ServiceProcess(
+            service, self.run_dir, settings, port=self.ports.get(service, 0), env=self.env
         )
-        log.close()
-
-    def _await_port(self, service: str, timeout_s: float) -> str:
-        port_file = self.run_dir / f"{service}.port"
-        deadline = time.monotonic() + timeout_s
-        while not port_file.exists():
-            process = self.processes[service]
-            if process.poll() is not None:
-                raise StackError(
-                    f"{service} exited with {process.returncode}; see {self.log_path(service)}"
-                )
-            if time.monotonic() > deadline:
-                raise StackError(f"{service} did not bind a port; see {self.log_path(service)}")
-            time.sleep(0.02)
-        address = f"127.0.0.1:{int(port_file.read_text())}"
-        self.addresses[service] = address
-        return address
+        self.services[service] = process.spawn()
+        return process
 
     def start(self, timeout_s: float = 60.0) -> LocalStack:
         """Starts control, cache and executor, then the orchestrator pointed at them."""
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
             self._spawn(
-                "control", {"REDIS_URL": self.redis_url, "TENANTS_FILE": str(self.tenants_file)}
-            )
-            self._spawn("cache", {"REDIS_URL": self.redis_url})
-            self._spawn("executor", {"MODELS_FILE": str(self.models_file)})
-            for service in ("control", "cache", "executor"):
-                self._await_port(service, timeout_s)
-            self._spawn(
-                "orchestrator",
+                "control",
                 {
-                    "CONTROL_ADDRESS": self.addresses["control"],
-                    "CACHE_ADDRESS": self.addresses["cache"],
-                    "EXECUTOR_ADDRESS": self.addresses["executor"],
+                    "REDIS_URL": self.redis_url,
+                    "TENANTS_FILE": str(self.tenants_file),
                     "MODELS_FILE": str(self.models_file),
                 },
             )
-            self._await_port("orchestrator", timeout_s)
-            for service in SERVICES:
-                wait_serving(self.addresses[service], timeout_s, self.processes[service])
+            self._spawn("cache", {"REDIS_URL": self.redis_url})
+            self._spawn("executor", {"MODELS_FILE": str(self.models_file)})
+            for name in ("control", "cache", "executor"):
+                self.services[name].wait_bound(timeout_s)
+            orchestrator = self._spawn(
+                "orchestrator",
+                {
+                    "CONTROL_ADDRESS": self.services["control"].address,
+                    "CACHE_ADDRESS": self.services["cache"].address,
+                    "EXECUTOR_ADDRESS": self.services["executor"].address,
+                    "MODELS_FILE": str(self.models_file),
+                },
+            )
+            orchestrator.wait_bound(timeout_s)
+            for process in self.services.values():
+                wait_serving(process.address, timeout_s, process.process)
         except BaseException:
             self.stop()
             raise
@@ -212,14 +274,9 @@ class LocalStack:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to every service (they drain), SIGKILL to any still running after `grace_s`."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        for service in self.services.values():
+            service.terminate()
         deadline = time.monotonic() + grace_s
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+        for service in self.services.values():
+            service.stop(max(0.0, deadline - time.monotonic()))
+        self.services.clear()

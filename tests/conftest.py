@@ -67,12 +67,15 @@ class ApiKeys:
     """acme/acme-off: disabled."""
     globex: str
     """globex/globex-main: another tenant."""
+    watched: str
+    """watched/watched-main: a tenant whose guardrails watch only the answers."""
 
 
 @pytest.fixture(scope="session")
 def keys_and_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[ApiKeys, Path]:
     made = {
-        name: new_key() for name in ("acme", "acme_second", "tight", "tokens", "disabled", "globex")
+        name: new_key()
+        for name in ("acme", "acme_second", "tight", "tokens", "disabled", "globex", "watched")
     }
 
     def entry(key_id: str, name: str, **limits: object) -> dict[str, object]:
@@ -91,6 +94,10 @@ def keys_and_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[ApiKeys, Pa
                 ],
             },
             "globex": {"keys": [entry("globex-main", "globex")]},
+            "watched": {
+                "guardrail_profile": "watch-output",
+                "keys": [entry("watched-main", "watched")],
+            },
         }
     }
     path = tmp_path_factory.mktemp("config") / "tenants.yaml"
@@ -106,6 +113,20 @@ def test_keys(keys_and_file: tuple[ApiKeys, Path]) -> ApiKeys:
 @pytest.fixture(scope="session")
 def tenants_file(keys_and_file: tuple[ApiKeys, Path]) -> Path:
     return keys_and_file[1]
+
+
+@pytest.fixture(scope="session")
+def guardrails_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """config/guardrails.yaml plus `watch-output`: no input rules; answers must hold no
+    secret (block) and no personal data (redact)."""
+    config = yaml.safe_load((ROOT / "config" / "guardrails.yaml").read_text())
+    config["profiles"]["watch-output"] = {
+        "rules": {},
+        "output_rules": {"secret": "block", "pii": "redact"},
+    }
+    path = tmp_path_factory.mktemp("config") / "guardrails.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -163,6 +184,12 @@ def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) 
         **catalog["models"]["up-slow-first-once"],
         "timeouts": {"first_token_s": 10.0},
         "hedge_after_s": 0.2,
+    }
+    catalog["models"]["mock-down"] = {
+        "provider": "mock",
+        "upstream_model": "error",
+        "fallbacks": ["mock-fast"],
+        "retry": {"max_attempts": 1},
     }
     path = tmp_path_factory.mktemp("config") / "models.yaml"
     path.write_text(yaml.safe_dump(catalog))

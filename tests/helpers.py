@@ -57,8 +57,9 @@ def rich_error(err: grpc.RpcError) -> RichError:
 def usage_record(
     client: redis.Redis, tenant: str = "acme", key_id: str | None = None
 ) -> dict[str, int]:
-    """The usage totals control settled for a tenant (or one of its keys)."""
-    name = f"strata:{{t:{tenant}}}:usage" + (f":key:{key_id}" if key_id else "")
+    """The all-time usage totals control recorded for a tenant (or one of its keys)."""
+    holder = f"key:{key_id}" if key_id else "tenant"
+    name = f"strata:{{t:{tenant}}}:usage:{holder}:total"
     raw: dict[bytes, bytes] = client.hgetall(name)  # type: ignore[assignment]
     return {k.decode(): int(v) for k, v in raw.items()}
 
@@ -69,3 +70,21 @@ def user(text: str) -> common_pb2.ChatMessage:
 
 def bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
+
+
+def state_snapshot(client: redis.Redis) -> dict[bytes, object]:
+    """Every key of the database with its value, to prove a call changed nothing."""
+    snapshot: dict[bytes, object] = {}
+    for key in client.scan_iter("*"):
+        kind = client.type(key)
+        if kind == b"hash":
+            snapshot[key] = client.hgetall(key)
+        elif kind == b"string":
+            snapshot[key] = client.get(key)
+        elif kind == b"zset":
+            snapshot[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            snapshot[key] = client.smembers(key)
+        else:
+            snapshot[key] = kind
+    return snapshot

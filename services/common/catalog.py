@@ -132,6 +132,25 @@ class RetryConfig(_Strict):
     """Backoff cap (a Retry-After from the provider wins, if it fits the deadline)."""
 
 
+class BreakerConfig(_Strict):
+    """When the model's circuit breaker opens and how it recovers (shared by all replicas)."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    """Failures in a row that open it."""
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    """Share of failed attempts in the window that opens it..."""
+    min_requests: int = Field(default=10, ge=1)
+    """...once the window holds at least this many attempts."""
+    window_s: float = Field(default=30.0, gt=0)
+    """The ratio's window."""
+    cooldown_s: float = Field(default=5.0, gt=0)
+    """How long it stays open before a probe; doubles after each failed probe..."""
+    max_cooldown_s: float = Field(default=120.0, gt=0)
+    """...up to this."""
+    probe_timeout_s: float = Field(default=30.0, gt=0)
+    """How long one probe holds the half-open breaker before another may try."""
+
+
 class ModelConfig(_Strict):
     """One model alias."""
 
@@ -159,6 +178,11 @@ class ModelConfig(_Strict):
     """Connect, first-token and stall timeouts of each attempt."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
     """How failed attempts are retried."""
+    fallbacks: list[str] = Field(default_factory=list)
+    """Models to try next, in order, when this one fails before answering (or its breaker
+    is open); a route's candidates take their place when the request names a route."""
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    """The model's circuit breaker."""
     hedge_after_s: float | None = Field(default=None, gt=0)
     """When set: if no answer has started this long after the first attempt, a second one
     races it; the first to answer wins and the other is cancelled."""
@@ -215,11 +239,21 @@ class Catalog(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _providers_exist(self) -> Catalog:
+    def _references_exist(self) -> Catalog:
         for model in self.models.values():
             if model.provider not in self.providers:
                 raise ValueError(f"model {model.name!r} names unknown provider {model.provider!r}")
+            for fallback in model.fallbacks:
+                target = self.models.get(fallback)
+                if target is None or target.kind != model.kind or fallback == model.name:
+                    raise ValueError(f"model {model.name!r} has a bad fallback {fallback!r}")
         return self
+
+    def candidates(self, alias: str) -> list[ModelConfig]:
+        """The model and its fallbacks, in order, without repeats."""
+        first = self.models[alias]
+        chain = [first, *(self.models[f] for f in first.fallbacks)]
+        return list({m.name: m for m in chain}.values())
 
     def get(self, alias: str) -> ModelConfig | None:
         """The model with this alias, or None."""

@@ -10,6 +10,13 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     ├── ApiKeyInvalid                 UNAUTHENTICATED     API_KEY_INVALID
     ├── ModelNotFound                 NOT_FOUND           MODEL_NOT_FOUND
     ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
+    ├── RequestExceedsLimit           RESOURCE_EXHAUSTED  REQUEST_EXCEEDS_LIMIT
+    ├── ConcurrencyLimited            RESOURCE_EXHAUSTED  CONCURRENCY_LIMITED (+ RetryInfo)
+    ├── BudgetExceeded                RESOURCE_EXHAUSTED  BUDGET_EXCEEDED (+ RetryInfo)
+    ├── CostCeilingExceeded           INVALID_ARGUMENT    COST_CEILING_EXCEEDED
+    ├── ModelsUnavailable             UNAVAILABLE         MODELS_UNAVAILABLE (+ RetryInfo)
+    │                                 RESOURCE_EXHAUSTED  MODEL_RATE_LIMITED
+    ├── GuardrailBlocked              PERMISSION_DENIED   GUARDRAIL_BLOCKED
     ├── ProviderError                                     (retryable: r)
     │   ├── ProviderUnavailable       UNAVAILABLE         PROVIDER_UNAVAILABLE        r
     │   ├── ProviderAuthFailed        UNAVAILABLE         PROVIDER_AUTH_FAILED
@@ -32,6 +39,7 @@ becomes INTERNAL/INTERNAL with a generic message; its traceback is logged, never
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -168,6 +176,113 @@ class RateLimited(_RetryAfter):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RATE_LIMITED"
+
+
+class RequestExceedsLimit(StrataError):
+    """One request needs more tokens than a whole minute's allowance; it can never fit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_EXCEEDS_LIMIT"
+
+    def __init__(self, scope: str, limit: int, requested: int) -> None:
+        super().__init__(
+            f"the request may use {requested} tokens, more than the {scope}'s {limit} per minute",
+            metadata={
+                "scope": scope,
+                "limit": "tokens_per_minute",
+                "limit_value": str(limit),
+                "requested": str(requested),
+            },
+        )
+
+
+class ConcurrencyLimited(_RetryAfter):
+    """The tenant has as many requests running as it may."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CONCURRENCY_LIMITED"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the tenant already runs its {limit} concurrent requests",
+            retry_after_s=1.0,
+            metadata={"limit": "max_concurrent", "limit_value": str(limit)},
+        )
+
+
+class BudgetExceeded(_RetryAfter):
+    """The request's worst-case cost does not fit a budget; RetryInfo says when it renews."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BUDGET_EXCEEDED"
+
+    def __init__(self, holder: str, period: str, limit: int, remaining: int) -> None:
+        super().__init__(
+            f"the {period} budget of {holder} is spent or reserved",
+            retry_after_s=_until_period_end(period),
+            metadata={
+                "scope": holder,
+                "period": period,
+                "limit_usd_micros": str(limit),
+                "remaining_usd_micros": str(remaining),
+            },
+        )
+
+
+def _until_period_end(period: str) -> float | None:
+    now = dt.datetime.now(dt.UTC)
+    if period == "day":
+        end = dt.datetime(now.year, now.month, now.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
+    elif period == "month":
+        end = dt.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=dt.UTC)
+    else:
+        return None
+    return (end - now).total_seconds()
+
+
+class CostCeilingExceeded(StrataError):
+    """Every candidate model's worst case costs more than the request's ceiling."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "COST_CEILING_EXCEEDED"
+
+    def __init__(self, ceiling: int, cheapest: int) -> None:
+        super().__init__(
+            f"the cheapest candidate may cost {cheapest} micro-USD, above the ceiling {ceiling}",
+            metadata={"ceiling_usd_micros": str(ceiling), "cheapest_usd_micros": str(cheapest)},
+        )
+
+
+class ModelsUnavailable(_RetryAfter):
+    """No candidate model may be tried now: breakers open or model limits reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "MODELS_UNAVAILABLE"
+
+    def __init__(self, skipped: list[tuple[str, str, int]]) -> None:
+        why = {reason for _, reason, _ in skipped}
+        if why == {"model_rate_limited"}:
+            self.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.reason = "MODEL_RATE_LIMITED"
+        super().__init__(
+            "no candidate model can be tried now: "
+            + ", ".join(f"{model} ({reason})" for model, reason, _ in skipped),
+            retry_after_s=min(wait for _, _, wait in skipped) / 1e6,
+            metadata={model: reason for model, reason, _ in skipped},
+        )
+
+
+class GuardrailBlocked(StrataError):
+    """A guardrail rule blocked the input or the output."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "GUARDRAIL_BLOCKED"
+
+    def __init__(self, rule: str, phase: str) -> None:
+        super().__init__(
+            f"the {phase} was blocked by the guardrail rule {rule}",
+            metadata={"rule": rule, "phase": phase},
+        )
 
 
 class ProviderError(StrataError):

@@ -1,192 +1,596 @@
-"""Admission and settlement: per-key limits and usage, each decision one Redis script.
+"""Admission and settlement: limits, budgets, breakers, guardrails; each decision atomic.
 
-Every key a request touches carries its tenant's hash tag (`{t:<tenant>}`), so the scripts
-run on one Redis Cluster slot. Limits are GCRA over a one-minute window on Redis server
-time: a key may use a whole minute's allowance at once, then at the steady rate.
+Redis layout. A tenant's keys share the hash tag `{t:<tenant>}` (one Cluster slot), a
+model's share `{m:<model>}`; each script touches one slot only.
+
+    strata:{t:T}:policy                 limits and budgets (tenant, team:<id>, key:<id>)
+    strata:{t:T}:pending                zset request id -> reservation expiry (us)
+    strata:{t:T}:reservations           hash request id -> key|team|tokens|cost|model
+    strata:{t:T}:reserved               hash holder -> money reserved by running requests
+    strata:{t:T}:expired                hash request id -> cost charged when it expired
+    strata:{t:T}:settled:<request>      settlement marker (idempotency)
+    strata:{t:T}:rl:<key|tenant>:<id>:<req|tok>     GCRA state
+    strata:{t:T}:usage:<holder>:<total|d<day>|m<yyyymm>>   spent, tokens, requests, ...
+    strata:{t:T}:guardrails             stream of guardrail findings, by request
+    strata:{m:M}:breaker, :policy, :rl:<req|tok>      circuit breaker and model limits
+
+Admission is one round trip: a pipeline of one breaker check per candidate model and the
+tenant's admit script. Budgets are checked against spend + reservations + this request's
+worst case (prompt + max output tokens at the priciest candidate's prices), so concurrent
+requests on any number of replicas can never overspend. Reservations that are never settled
+expire into a charge of their worst case (the sweeper), never into free money; a late
+settlement corrects the charge to the real cost. Periods (UTC day and month) follow Redis
+server time: the scripts refuse keys named after another period and the caller renames them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as redis
 
-from services.common.errors import FieldViolation, RateLimited, RequestInvalid, StrataError
+from services.common.catalog import Catalog, ModelConfig
+from services.common.errors import (
+    BudgetExceeded,
+    ConcurrencyLimited,
+    CostCeilingExceeded,
+    FieldViolation,
+    GuardrailBlocked,
+    ModelNotFound,
+    ModelsUnavailable,
+    RateLimited,
+    RequestExceedsLimit,
+    RequestInvalid,
+    StrataError,
+)
+from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.redis_state import redis_errors
 from services.common.validation import check_request_id
-from services.control.keys import ApiKey, KeyRing
+from services.control.keys import TENANTS_SET, KeyRecord, KeyStore, tenant_tag
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 
-WINDOW_US = 60_000_000
-"""Limits are per minute; a key may spend up to a minute's allowance in a burst."""
+log = logging.getLogger(__name__)
 
+BATCH_SHARE = 0.8
+"""Batch requests may use this share of any limit or budget; the rest is kept for people."""
+GUARDRAIL_STREAM_LENGTH = 10_000
 _OUTCOMES = {
     control_pb2.OUTCOME_SUCCESS: "success",
     control_pb2.OUTCOME_FAILURE: "failure",
     control_pb2.OUTCOME_CANCELLED: "cancelled",
 }
+BREAKER_FAILURES = frozenset(
+    {
+        "PROVIDER_UNAVAILABLE",
+        "UPSTREAM_TIMEOUT",
+        "UPSTREAM_RATE_LIMITED",
+        "STREAM_INTERRUPTED",
+        "BAD_UPSTREAM_RESPONSE",
+        "PROVIDER_AUTH_FAILED",
+        "EXECUTOR_UNAVAILABLE",
+    }
+)
+"""Attempt failures that count against a model's breaker (the model's fault, not the
+request's: a rejected or cancelled request says nothing about the model's health)."""
+_ACTIONS = {
+    Action.BLOCK: control_pb2.GUARDRAIL_ACTION_BLOCK,
+    Action.REDACT: control_pb2.GUARDRAIL_ACTION_REDACT,
+    Action.FLAG: control_pb2.GUARDRAIL_ACTION_FLAG,
+}
 
 
-def _script(name: str) -> str:
-    return resources.files("services.control").joinpath("lua", name).read_text()
+def _script(*names: str) -> str:
+    folder = resources.files("services.control").joinpath("lua")
+    return "\n".join(folder.joinpath(name).read_text() for name in names)
 
 
-def _per_unit_us(per_minute: int) -> float:
-    return WINDOW_US / per_minute if per_minute else 0.0
+def periods(now: float | None = None) -> tuple[int, int]:
+    """The current UTC day number and year*100+month (the scripts check them)."""
+    moment = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    return int(moment.timestamp() // 86400), moment.year * 100 + moment.month
 
 
-class Keys:
-    """Redis key names; all of a tenant's share its hash tag."""
+class TenantKeys:
+    """Redis key names of one tenant."""
 
     def __init__(self, tenant_id: str) -> None:
-        self.base = f"strata:{{t:{tenant_id}}}"
-
-    def request_rate(self, key_id: str) -> str:
-        return f"{self.base}:rl:req:{key_id}"
-
-    def token_rate(self, key_id: str) -> str:
-        return f"{self.base}:rl:tok:{key_id}"
-
-    def reservation(self, request_id: str) -> str:
-        return f"{self.base}:resv:{request_id}"
+        self.base = base = tenant_tag(tenant_id)
+        self.policy = f"{base}:policy"
+        self.pending = f"{base}:pending"
+        self.reservations = f"{base}:reservations"
+        self.reserved = f"{base}:reserved"
+        self.expired = f"{base}:expired"
+        self.guardrails = f"{base}:guardrails"
 
     def settled(self, request_id: str) -> str:
         return f"{self.base}:settled:{request_id}"
 
-    def tenant_usage(self) -> str:
-        return f"{self.base}:usage"
+    def rate(self, scope: str, scope_id: str, kind: str) -> str:
+        return f"{self.base}:rl:{scope}:{scope_id}:{kind}"
 
-    def key_usage(self, key_id: str) -> str:
-        return f"{self.base}:usage:key:{key_id}"
+    def usage(self, holder: str, period: str) -> str:
+        return f"{self.base}:usage:{holder}:{period}"
+
+    def usage_keys(self, team_id: str, key_id: str, day: int, month: int) -> list[str]:
+        """The 9 usage hashes of a request: tenant, team, key x total, day, month."""
+        names = []
+        for holder in ("tenant", f"team:{team_id}", f"key:{key_id}"):
+            names += [self.usage(holder, p) for p in ("total", f"d{day}", f"m{month}")]
+        return names
 
 
-@dataclass(frozen=True, slots=True)
+def model_keys(model: str) -> list[str]:
+    """Breaker, policy and limit state of a model."""
+    base = f"strata:{{m:{model}}}"
+    return [f"{base}:breaker", f"{base}:policy", f"{base}:rl:req", f"{base}:rl:tok"]
+
+
+def worst_cost(model: ModelConfig, input_tokens: int, output_tokens: int) -> int:
+    """The most a call can cost, in micro-USD."""
+    usage = common_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    return int(model.cost(usage).total_usd_micros)
+
+
+@dataclass(slots=True)
 class Admission:
     """A request that may run."""
 
-    key: ApiKey
-    plan: list[str]
+    key: KeyRecord
+    plan: list[tuple[str, bool]]
+    """(model, is the breaker's probe), in order."""
     reserved_tokens: int
+    reserved_cost: int
+    profile: str
+    findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
+    redacted: list[common_pb2.ChatMessage] | None = None
 
 
-class RequestTooLarge(StrataError):
-    """The request needs more tokens than the key's whole per-minute allowance."""
-
-    code = RateLimited.code
-    reason = "REQUEST_EXCEEDS_LIMIT"
+def finding_protos(verdict: Verdict, text_to_message: Sequence[int] | None) -> list[Any]:
+    """Guardrail findings as protos (never with the matched text)."""
+    return [
+        control_pb2.GuardrailFinding(
+            rule=f.rule,
+            action=_ACTIONS[f.action],
+            message_index=(
+                text_to_message[f.text_index]
+                if text_to_message is not None and f.text_index >= 0
+                else -1
+            ),
+        )
+        for f in verdict.findings
+    ]
 
 
 class AdmissionControl:
-    """Admits requests against their key's limits and settles what they used."""
+    """Admits requests and settles what they used."""
 
     def __init__(
         self,
-        keys: KeyRing,
+        keys: KeyStore,
         client: redis.Redis,
+        catalog: Catalog,
+        guardrails: Guardrails,
         reservation_ttl_s: int,
         settlement_ttl_s: int,
     ) -> None:
         self._keys = keys
         self._redis = client
+        self._catalog = catalog
+        self._guardrails = guardrails
         self._reservation_ttl_s = reservation_ttl_s
         self._settlement_ttl_s = settlement_ttl_s
-        self._admit = client.register_script(_script("admit.lua"))
-        self._settle = client.register_script(_script("settle.lua"))
+        self._admit = client.register_script(_script("common.lua", "admit.lua"))
+        self._settle = client.register_script(_script("common.lua", "settle.lua"))
+        self._expire = client.register_script(_script("common.lua", "expire.lua"))
+        self._breaker = client.register_script(_script("breaker.lua"))
+
+    # --- admission -------------------------------------------------------------------
 
     async def admit(self, request: control_pb2.AdmitRequest) -> Admission:
-        """Authenticates the key, enforces its limits and reserves the request's tokens."""
-        key = self._keys.authenticate(request.api_key)
-        violations = [v for v in [check_request_id(request.request_id)] if v]
-        if not request.model:
-            violations.append(FieldViolation("model", "is required"))
-        if request.estimated_input_tokens < 1:
-            violations.append(FieldViolation("estimated_input_tokens", "must be at least 1"))
-        if request.max_output_tokens < 1:
-            violations.append(FieldViolation("max_output_tokens", "must be at least 1"))
-        if violations:
-            raise RequestInvalid(violations)
+        """Authenticates, checks guardrails, plans, enforces limits and budgets, reserves."""
+        key = await self._keys.authenticate(request.api_key)
+        _check_admit(request)
+        candidates = self._candidates(request)
+        profile = request.guardrail_profile or key.profile
+        findings, redacted = await self._input_guardrails(request, key, profile)
 
         tokens = request.estimated_input_tokens + request.max_output_tokens
-        if key.tokens_per_minute and tokens > key.tokens_per_minute:
-            raise RequestTooLarge(
-                f"the request may use {tokens} tokens, more than the key's "
-                f"{key.tokens_per_minute} tokens per minute",
-                metadata={
-                    "limit": "tokens_per_minute",
-                    "limit_value": str(key.tokens_per_minute),
-                    "requested": str(tokens),
-                },
+        priced = [
+            (m, worst_cost(m, request.estimated_input_tokens, request.max_output_tokens))
+            for m in candidates
+        ]
+        if request.HasField("max_cost_usd_micros"):
+            affordable = [(m, c) for m, c in priced if c <= request.max_cost_usd_micros]
+            if not affordable:
+                raise CostCeilingExceeded(request.max_cost_usd_micros, min(c for _, c in priced))
+            priced = affordable
+        cost = max(c for _, c in priced)
+        batch = request.priority == common_pb2.PRIORITY_BATCH
+
+        checks, admitted = await self._run_admission(request, key, priced, tokens, cost, batch)
+        if admitted[0] == 0:
+            raise _refusal(admitted, key, tokens)
+        plan = [
+            (model.name, check[0] == 2)
+            for (model, _), check in zip(priced, checks, strict=True)
+            if check[0] in (1, 2)
+        ]
+        if not plan:
+            await self._release(request.request_id, key)
+            raise ModelsUnavailable(
+                [(m.name, _text(c[1]), int(c[2])) for (m, _), c in zip(priced, checks, strict=True)]
             )
-        names = Keys(key.tenant_id)
-        with redis_errors():
-            admitted, value, detail = await self._admit(
-                keys=[
-                    names.request_rate(key.key_id),
-                    names.token_rate(key.key_id),
-                    names.reservation(request.request_id),
-                ],
-                args=[
-                    _per_unit_us(key.requests_per_minute),
-                    _per_unit_us(key.tokens_per_minute),
-                    WINDOW_US,
-                    tokens,
-                    self._reservation_ttl_s,
-                    key.key_id,
-                ],
-            )
-        if not admitted:
-            limit = detail.decode() if isinstance(detail, bytes) else str(detail)
-            limit_value = (
-                key.requests_per_minute if limit == "requests_per_minute" else key.tokens_per_minute
-            )
-            raise RateLimited(
-                f"{limit} limit of key {key.key_id!r} reached",
-                retry_after_s=int(value) / 1e6,
-                metadata={"limit": limit, "limit_value": str(limit_value)},
-            )
-        return Admission(key=key, plan=[request.model], reserved_tokens=int(value))
+        if findings:
+            await self._record_findings(key.tenant_id, request.request_id, "input", findings)
+        return Admission(
+            key=key,
+            plan=plan,
+            reserved_tokens=int(admitted[1]),
+            reserved_cost=int(admitted[2]),
+            profile=profile,
+            findings=findings,
+            redacted=redacted,
+        )
+
+    def _candidates(self, request: control_pb2.AdmitRequest) -> list[ModelConfig]:
+        names = list(request.candidates) or [request.model]
+        for name in names:
+            if self._catalog.get(name) is None:
+                raise ModelNotFound(name)
+        if request.candidates:
+            return [self._catalog.models[n] for n in dict.fromkeys(names)]
+        return self._catalog.candidates(request.model)
+
+    async def _input_guardrails(
+        self, request: control_pb2.AdmitRequest, key: KeyRecord, profile: str
+    ) -> tuple[list[control_pb2.GuardrailFinding], list[common_pb2.ChatMessage] | None]:
+        try:
+            self._guardrails.profile(profile)
+        except KeyError:
+            raise RequestInvalid.field(
+                "guardrail_profile", f"unknown profile {profile!r}"
+            ) from None
+        texts = [m.content for m in request.messages]
+        verdict = self._guardrails.check_input(texts, profile, request.estimated_input_tokens)
+        findings = finding_protos(verdict, list(range(len(texts))))
+        if verdict.blocked:
+            await self._record_findings(key.tenant_id, request.request_id, "input", findings)
+            blocking = verdict.blocking
+            assert blocking is not None
+            raise GuardrailBlocked(blocking.rule, "input")
+        redacted = None
+        if verdict.redacted is not None:
+            redacted = []
+            for message, text in zip(request.messages, verdict.redacted, strict=True):
+                copy = common_pb2.ChatMessage()
+                copy.CopyFrom(message)
+                copy.content = text
+                redacted.append(copy)
+        return findings, redacted
+
+    async def _run_admission(
+        self,
+        request: control_pb2.AdmitRequest,
+        key: KeyRecord,
+        priced: list[tuple[ModelConfig, int]],
+        tokens: int,
+        cost: int,
+        batch: bool,
+    ) -> tuple[list[Any], list[Any]]:
+        names = TenantKeys(key.tenant_id)
+        day, month = periods()
+        for _ in range(3):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for model, _ in priced:
+                    await self._breaker(
+                        keys=model_keys(model.name),
+                        args=["check", int(batch), BATCH_SHARE, tokens, 0, *_breaker_args(model)],
+                        client=pipe,
+                    )
+                await self._admit(
+                    keys=[
+                        names.policy,
+                        names.pending,
+                        names.reservations,
+                        names.reserved,
+                        names.rate("key", key.key_id, "req"),
+                        names.rate("key", key.key_id, "tok"),
+                        names.rate("tenant", "", "req"),
+                        names.rate("tenant", "", "tok"),
+                        *names.usage_keys(key.team_id, key.key_id, day, month),
+                    ],
+                    args=[
+                        request.request_id,
+                        key.key_id,
+                        key.team_id,
+                        day,
+                        month,
+                        tokens,
+                        cost,
+                        self._reservation_ttl_s,
+                        int(batch),
+                        BATCH_SHARE,
+                        priced[0][0].name,
+                    ],
+                    client=pipe,
+                )
+                with redis_errors():
+                    results = await pipe.execute()
+            admitted = results[-1]
+            if admitted[0] != -1:
+                return results[:-1], admitted
+            day, month = int(admitted[1]), int(admitted[2])
+        raise StrataError("the UTC period kept changing during admission")
+
+    async def _release(self, request_id: str, key: KeyRecord) -> None:
+        """Undoes a reservation that no model can use (settles it as unused)."""
+        await self._apply_settlement(
+            request_id, key.tenant_id, key.key_id, key.team_id, "failure", "", 0, 0, 0, False
+        )
+
+    # --- settlement ------------------------------------------------------------------
 
     async def settle(self, request: control_pb2.SettleRequest) -> bool:
         """Records what a request used, once; True when this call recorded it."""
+        _check_settle(request)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for attempt in request.attempts:
+                model = self._catalog.get(attempt.model)
+                failed = not attempt.success and attempt.error_reason in BREAKER_FAILURES
+                if model is None or not (attempt.success or failed):
+                    continue
+                used = attempt.usage.input_tokens + attempt.usage.output_tokens
+                await self._breaker(
+                    keys=model_keys(model.name),
+                    args=["record", 0, 1, used, int(attempt.success), *_breaker_args(model)],
+                    client=pipe,
+                )
+            if request.guardrail_findings:
+                _add_findings(
+                    pipe,
+                    request.tenant_id,
+                    request.request_id,
+                    "output",
+                    request.guardrail_findings,
+                )
+            with redis_errors():
+                await pipe.execute()
+        return await self._apply_settlement(
+            request.request_id,
+            request.tenant_id,
+            request.key_id,
+            request.team_id,
+            _OUTCOMES[request.outcome],
+            request.model,
+            request.usage.input_tokens,
+            request.usage.output_tokens,
+            request.cost.total_usd_micros,
+            request.cache_status == common_pb2.CACHE_STATUS_HIT,
+        )
+
+    async def _apply_settlement(
+        self,
+        request_id: str,
+        tenant_id: str,
+        key_id: str,
+        team_id: str,
+        outcome: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cost: int,
+        cache_hit: bool,
+    ) -> bool:
+        names = TenantKeys(tenant_id)
+        day, month = periods()
+        for _ in range(3):
+            with redis_errors():
+                result = await self._settle(
+                    keys=[
+                        names.settled(request_id),
+                        names.pending,
+                        names.reservations,
+                        names.reserved,
+                        names.expired,
+                        names.policy,
+                        names.rate("key", key_id, "tok"),
+                        names.rate("tenant", "", "tok"),
+                        *names.usage_keys(team_id, key_id, day, month),
+                    ],
+                    args=[
+                        request_id,
+                        key_id,
+                        team_id,
+                        day,
+                        month,
+                        input_tokens,
+                        output_tokens,
+                        cost,
+                        outcome,
+                        int(cache_hit),
+                        model,
+                        self._settlement_ttl_s,
+                    ],
+                )
+            if result[0] != -1:
+                return bool(result[0])
+            day, month = int(result[1]), int(result[2])
+        raise StrataError("the UTC period kept changing during settlement")
+
+    # --- expiry ----------------------------------------------------------------------
+
+    async def sweep(self, limit: int = 200) -> int:
+        """Charges every reservation past its expiry (of every tenant); returns how many."""
+        charged = 0
+        now_us = int(time.time() * 1_000_000)
+        with redis_errors():
+            tenants = [t.decode() async for t in self._redis.sscan_iter(TENANTS_SET)]
+        for tenant_id in tenants:
+            names = TenantKeys(tenant_id)
+            with redis_errors():
+                due: Any = await self._redis.zrangebyscore(names.pending, 0, now_us, 0, limit)
+            for raw_id in due:
+                request_id = raw_id.decode()
+                with redis_errors():
+                    record: Any = await self._redis.hget(names.reservations, request_id)
+                key_id, team_id = (record.decode().split("|")[:2]) if record else ("", "")
+                day, month = periods()
+                with redis_errors():
+                    result = await self._expire(
+                        keys=[
+                            names.pending,
+                            names.reservations,
+                            names.reserved,
+                            names.expired,
+                            *names.usage_keys(team_id, key_id, day, month),
+                        ],
+                        args=[request_id, day, month],
+                    )
+                charged += int(result[0] == 1)
+        return charged
+
+    async def run_sweeper(self, interval_s: float) -> None:
+        """Sweeps forever (every replica may: the expiry script is atomic and idempotent)."""
+        while True:
+            try:
+                if charged := await self.sweep():
+                    log.warning("charged %d expired reservations", charged)
+            except StrataError as err:
+                log.warning("reservation sweep failed (%s)", err.reason)
+            await asyncio.sleep(interval_s)
+
+    # --- output guardrails -----------------------------------------------------------
+
+    async def check_output(
+        self, request: control_pb2.CheckOutputRequest
+    ) -> tuple[Verdict, list[control_pb2.GuardrailFinding]]:
+        """The output guardrails' verdict on a text, recorded with the request."""
         violations = [v for v in [check_request_id(request.request_id)] if v]
         if not request.tenant_id:
             violations.append(FieldViolation("tenant_id", "is required"))
-        if not request.key_id:
-            violations.append(FieldViolation("key_id", "is required"))
-        if request.outcome not in _OUTCOMES:
-            violations.append(FieldViolation("outcome", "must be a known outcome"))
-        usage, cost = request.usage, request.cost
-        if min(usage.input_tokens, usage.output_tokens, cost.total_usd_micros) < 0:
-            violations.append(FieldViolation("usage", "tokens and cost must not be negative"))
         if violations:
             raise RequestInvalid(violations)
+        try:
+            verdict = self._guardrails.check_output(request.text, request.guardrail_profile or None)
+        except KeyError:
+            raise RequestInvalid.field("guardrail_profile", "unknown profile") from None
+        findings = finding_protos(verdict, None)
+        if findings:
+            await self._record_findings(request.tenant_id, request.request_id, "output", findings)
+        return verdict, findings
 
-        key = self._keys.get(request.tenant_id, request.key_id)
-        names = Keys(request.tenant_id)
-        with redis_errors():
-            applied = await self._settle(
-                keys=[
-                    names.settled(request.request_id),
-                    names.reservation(request.request_id),
-                    names.token_rate(request.key_id),
-                    names.tenant_usage(),
-                    names.key_usage(request.key_id),
-                ],
-                args=[
-                    self._settlement_ttl_s,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    cost.total_usd_micros,
-                    _per_unit_us(key.tokens_per_minute) if key else 0,
-                    _OUTCOMES[request.outcome],
-                    int(request.cache_status == common_pb2.CACHE_STATUS_HIT),
-                    request.model,
-                ],
-            )
-        return bool(applied)
+    async def _record_findings(
+        self,
+        tenant_id: str,
+        request_id: str,
+        phase: str,
+        findings: Sequence[control_pb2.GuardrailFinding],
+    ) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            _add_findings(pipe, tenant_id, request_id, phase, findings)
+            with redis_errors():
+                await pipe.execute()
 
     async def ping(self) -> None:
         """Raises unless Redis answers."""
         await self._redis.ping()
+
+
+def _add_findings(
+    pipe: Any,
+    tenant_id: str,
+    request_id: str,
+    phase: str,
+    findings: Sequence[control_pb2.GuardrailFinding],
+) -> None:
+    stream = TenantKeys(tenant_id).guardrails
+    for finding in findings:
+        pipe.xadd(
+            stream,
+            {
+                "request_id": request_id,
+                "phase": phase,
+                "rule": finding.rule,
+                "action": control_pb2.GuardrailAction.Name(finding.action),
+                "message_index": finding.message_index,
+            },
+            maxlen=GUARDRAIL_STREAM_LENGTH,
+            approximate=True,
+        )
+    pipe.expire(stream, 30 * 86400)
+
+
+def _breaker_args(model: ModelConfig) -> list[float]:
+    b = model.breaker
+    return [
+        b.consecutive_failures,
+        b.failure_ratio,
+        b.window_s,
+        b.min_requests,
+        b.cooldown_s,
+        b.max_cooldown_s,
+        b.probe_timeout_s,
+    ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _refusal(result: Sequence[Any], key: KeyRecord, tokens: int) -> StrataError:
+    reason, detail = _text(result[1]), _text(result[2])
+    retry_us, limit, remaining = int(result[3]), int(result[4]), int(result[5])
+    scope, _, name = detail.partition(":")
+    if reason == "RATE_LIMITED":
+        if name == "tokens_per_minute" and tokens > limit:
+            return RequestExceedsLimit(scope, limit, tokens)
+        return RateLimited(
+            f"{name} limit of the {scope} reached",
+            retry_after_s=retry_us / 1e6,
+            metadata={"scope": scope, "limit": name, "limit_value": str(limit)},
+        )
+    if reason == "CONCURRENCY_LIMITED":
+        return ConcurrencyLimited(limit)
+    holder, _, period = detail.rpartition(":")
+    return BudgetExceeded(holder, period, limit, remaining)
+
+
+def _check_admit(request: control_pb2.AdmitRequest) -> None:
+    violations = [v for v in [check_request_id(request.request_id)] if v]
+    if not request.model:
+        violations.append(FieldViolation("model", "is required"))
+    if request.estimated_input_tokens < 1:
+        violations.append(FieldViolation("estimated_input_tokens", "must be at least 1"))
+    if request.max_output_tokens < 1:
+        violations.append(FieldViolation("max_output_tokens", "must be at least 1"))
+    if request.priority not in common_pb2.Priority.values():
+        violations.append(FieldViolation("priority", "must be a known priority"))
+    if request.HasField("max_cost_usd_micros") and request.max_cost_usd_micros <= 0:
+        violations.append(FieldViolation("max_cost_usd_micros", "must be greater than 0"))
+    if violations:
+        raise RequestInvalid(violations)
+
+
+def _check_settle(request: control_pb2.SettleRequest) -> None:
+    violations = [v for v in [check_request_id(request.request_id)] if v]
+    for name in ("tenant_id", "key_id"):
+        if not getattr(request, name):
+            violations.append(FieldViolation(name, "is required"))
+    if request.outcome not in _OUTCOMES:
+        violations.append(FieldViolation("outcome", "must be a known outcome"))
+    usage, cost = request.usage, request.cost
+    if min(usage.input_tokens, usage.output_tokens, cost.total_usd_micros) < 0:
+        violations.append(FieldViolation("usage", "tokens and cost must not be negative"))
+    for i, attempt in enumerate(request.attempts):
+        if not attempt.model:
+            violations.append(FieldViolation(f"attempts[{i}].model", "is required"))
+    if violations:
+        raise RequestInvalid(violations)

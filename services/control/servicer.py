@@ -1,4 +1,4 @@
-"""gRPC face of the control service: proto in, `AdmissionControl`, proto out."""
+"""gRPC face of the control service: proto in, the domain, proto out."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import grpc
 
 from services.common.errors import unary_handler
+from services.control.admin import Admin
 from services.control.admission import AdmissionControl
-from strata.control.v1 import control_pb2, control_pb2_grpc
+from strata.control.v1 import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):
@@ -25,8 +26,13 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return control_pb2.AdmitResponse(
             tenant_id=admission.key.tenant_id,
             key_id=admission.key.key_id,
-            plan=[control_pb2.PlanCandidate(model=m) for m in admission.plan],
+            team_id=admission.key.team_id,
+            plan=[control_pb2.PlanCandidate(model=m, probe=p) for m, p in admission.plan],
             reserved_tokens=admission.reserved_tokens,
+            reserved_usd_micros=admission.reserved_cost,
+            guardrail_findings=admission.findings,
+            redacted_messages=admission.redacted or [],
+            guardrail_profile=admission.profile,
         )
 
     @unary_handler
@@ -34,3 +40,91 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         self, request: control_pb2.SettleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.SettleResponse:
         return control_pb2.SettleResponse(applied=await self._admission.settle(request))
+
+    @unary_handler
+    async def CheckOutput(
+        self, request: control_pb2.CheckOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.CheckOutputResponse:
+        verdict, findings = await self._admission.check_output(request)
+        return control_pb2.CheckOutputResponse(
+            blocked=verdict.blocked,
+            findings=findings,
+            redacted_text=verdict.redacted[0] if verdict.redacted else "",
+        )
+
+
+def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return ""
+
+
+class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
+    """Implements strata.control.v1.ControlAdminService (admin token required)."""
+
+    def __init__(self, admin: Admin) -> None:
+        self._admin = admin
+
+    @unary_handler
+    async def CreateApiKey(
+        self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.CreateApiKeyResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.idempotent(
+            request.request_id,
+            admin_pb2.CreateApiKeyResponse,
+            lambda: self._admin.create_key(request),
+        )
+
+    @unary_handler
+    async def ListApiKeys(
+        self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListApiKeysResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.list_keys(request)
+
+    @unary_handler
+    async def RevokeApiKey(
+        self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.idempotent(
+            request.request_id,
+            admin_pb2.RevokeApiKeyResponse,
+            lambda: self._admin.revoke_key(request),
+        )
+
+    @unary_handler
+    async def SetBudget(
+        self, request: admin_pb2.SetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.SetBudgetResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.idempotent(
+            request.request_id, admin_pb2.SetBudgetResponse, lambda: self._admin.set_budget(request)
+        )
+
+    @unary_handler
+    async def SetLimits(
+        self, request: admin_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.SetLimitsResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.idempotent(
+            request.request_id, admin_pb2.SetLimitsResponse, lambda: self._admin.set_limits(request)
+        )
+
+    @unary_handler
+    async def GetUsage(
+        self, request: admin_pb2.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.GetUsageResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.usage(request)
+
+    @unary_handler
+    async def ListBreakers(
+        self, request: admin_pb2.ListBreakersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListBreakersResponse:
+        self._admin.authorize(_bearer(context))
+        return await self._admin.breakers(request)

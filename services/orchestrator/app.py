@@ -9,6 +9,7 @@ import grpc
 from services.common.bootstrap import Service
 from services.common.calls import check_serving, open_channel
 from services.common.catalog import load_catalog
+from services.common.guardrails import Guardrails
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
 from services.orchestrator.generation import Generator
 from services.orchestrator.servicer import OrchestratorServicer
@@ -28,6 +29,7 @@ async def build(settings: OrchestratorSettings) -> Service:
     }
     generator = Generator(
         catalog,
+        Guardrails.from_file(settings.guardrails_file),
         ControlClient(channels["control"], settings.admit_timeout_s, settings.settle_timeout_s),
         CacheClient(channels["cache"], settings.cache_timeout_s),
         ExecutorClient(channels["executor"]),

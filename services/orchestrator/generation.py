@@ -1,15 +1,22 @@
 """One generate request, from validation to settlement.
 
     validate ──► Admit (control) ─┬─► hit:  replay the cached answer
-                 Lookup (cache) ──┘   miss: StreamComplete (executor) ──► Store, Settle
+                 Lookup (cache) ──┘   miss: walk the plan: StreamComplete (executor) per
+                                            candidate until one answers ──► Store, Settle
 
 Admission and the cache lookup run side by side: the lookup's scope needs the tenant, so it
 uses the tenant this process last saw for the key and is thrown away (and done again) when
-Admit names another. A hit is served only after Admit succeeds.
+Admit names another tenant or redacts the conversation. A hit is served only after Admit.
 
-When a call completes, its answer is stored and its usage settled before the stream ends
-(the final chunk itself is not held back). A failed or cancelled call is settled in the
-background with what it used as far as it is known.
+The plan is control's ordered list of candidate models. A candidate that fails before its
+answer starts, for a reason another model may not share (unavailable, rate limited, out of
+quota, too small a context...), hands over to the next one while the deadline allows; once
+an answer has started, a failure ends the stream. Output guardrails watch a streamed answer
+as it goes and cut it with GUARDRAIL_BLOCKED; a whole answer is checked before it is sent.
+
+When a call completes, its answer is stored and its usage settled (with every attempt, for
+the circuit breakers) before the stream ends; the final chunk itself is not held back. A
+failed or cancelled call is settled in the background with what it used as far as known.
 """
 
 from __future__ import annotations
@@ -18,15 +25,25 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from google.protobuf import duration_pb2
+
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
 from services.common.chat import assemble_tool_calls, tool_call_pieces
-from services.common.errors import RequestInvalid, StrataError, StreamInterrupted
+from services.common.errors import (
+    FieldViolation,
+    GuardrailBlocked,
+    RequestInvalid,
+    StrataError,
+    StreamInterrupted,
+)
+from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.logs import bind_request_id
 from services.common.validation import check_generation, check_request_id, estimate_input_tokens
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
@@ -60,6 +77,25 @@ _STORABLE = {
     common_pb2.FINISH_REASON_TOOL_CALLS,
 }
 """Answers worth reusing; a filtered answer is not."""
+FALLBACK_REASONS = frozenset(
+    {
+        "PROVIDER_UNAVAILABLE",
+        "PROVIDER_AUTH_FAILED",
+        "UPSTREAM_RATE_LIMITED",
+        "UPSTREAM_QUOTA_EXHAUSTED",
+        "UPSTREAM_TIMEOUT",
+        "BAD_UPSTREAM_RESPONSE",
+        "CONTEXT_LENGTH_EXCEEDED",
+        "STREAM_INTERRUPTED",
+        "EXECUTOR_UNAVAILABLE",
+    }
+)
+"""Failures before the answer started that the next candidate model may not share."""
+_ACTIONS = {
+    Action.BLOCK: control_pb2.GUARDRAIL_ACTION_BLOCK,
+    Action.REDACT: control_pb2.GUARDRAIL_ACTION_REDACT,
+    Action.FLAG: control_pb2.GUARDRAIL_ACTION_FLAG,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +108,13 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolPieces:
+    """Pieces of tool calls, in order."""
+
+    pieces: Sequence[common_pb2.ToolCallDelta]
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The last event of a complete answer."""
 
@@ -81,15 +124,21 @@ class Finished:
     cache_status: common_pb2.CacheStatus
 
 
-@dataclass(frozen=True, slots=True)
-class ToolPieces:
-    """Pieces of tool calls, in order."""
-
-    pieces: Sequence[common_pb2.ToolCallDelta]
-
-
 Event = Started | str | ToolPieces | Finished
 """A generation streams Started, then text pieces (str) and ToolPieces, then Finished."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """What every step of one request needs."""
+
+    request_id: str
+    request: GenerateRequest
+    messages: Sequence[common_pb2.ChatMessage]
+    """The conversation as the model sees it (redacted by the input guardrails if need be)."""
+    admission: control_pb2.AdmitResponse
+    deadline: Deadline
+    stream: bool
 
 
 @dataclass(slots=True)
@@ -106,6 +155,8 @@ class _Tally:
     cost: common_pb2.Cost | None = None
     text: list[str] = field(default_factory=list)
     tool_pieces: list[common_pb2.ToolCallDelta] = field(default_factory=list)
+    attempts: list[control_pb2.Attempt] = field(default_factory=list)
+    findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
 
 
 class Generator:
@@ -114,11 +165,13 @@ class Generator:
     def __init__(
         self,
         catalog: Catalog,
+        guardrails: Guardrails,
         control: ControlClient,
         cache: CacheClient,
         executor: ExecutorClient,
     ) -> None:
         self._catalog = catalog
+        self._guardrails = guardrails
         self._control = control
         self._cache = cache
         self._executor = executor
@@ -132,8 +185,15 @@ class Generator:
         config, max_output = check_generation(
             self._catalog, request.model, request.messages, request.params
         )
+        violations = []
         if request.request_id and (violation := check_request_id(request.request_id)):
-            raise RequestInvalid([violation])
+            violations.append(violation)
+        if request.priority not in common_pb2.Priority.values():
+            violations.append(FieldViolation("priority", "must be a known priority"))
+        if request.HasField("max_cost_usd_micros") and request.max_cost_usd_micros <= 0:
+            violations.append(FieldViolation("max_cost_usd_micros", "must be greater than 0"))
+        if violations:
+            raise RequestInvalid(violations)
         estimated_input = estimate_input_tokens(request.messages)
         if estimated_input + max_output > config.context_window:
             raise RequestInvalid.field(
@@ -147,8 +207,8 @@ class Generator:
         mode = request.cache_policy.mode
         reads, writes = mode in _READS, mode in _WRITES
 
-        admission, cached, cache_status = await self._admit_and_lookup(
-            request, request_id, api_key, estimated_input, max_output, deadline, reads
+        call, cached, cache_status = await self._admit_and_lookup(
+            request, request_id, api_key, estimated_input, max_output, deadline, reads, stream
         )
         tally = _Tally(cache_status=cache_status)
         try:
@@ -161,28 +221,26 @@ class Generator:
                 if cached.tool_calls:
                     yield ToolPieces(tool_call_pieces(cached.tool_calls))
                 yield Finished(cached.finish_reason, cached.usage, common_pb2.Cost(), cache_status)
-                tally.outcome = control_pb2.OUTCOME_SUCCESS
             else:
-                model = admission.plan[0].model if admission.plan else config.name
-                calls = self._call_executor(request, request_id, model, deadline, tally, stream)
-                async with aclosing(calls) as events:
+                async with aclosing(self._run_plan(call, tally)) as events:
                     async for event in events:
                         yield event
-                tally.outcome = control_pb2.OUTCOME_SUCCESS
+            tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
             tally.outcome = control_pb2.OUTCOME_CANCELLED
-            self._in_background(self._settle(request_id, admission, tally, config, estimated_input))
+            self._in_background(self._settle(call, tally, config, estimated_input))
             raise
         except Exception as err:
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
                 # The executor counted what the broken stream used; charge that.
                 tally.usage = usage_of_interruption(err.metadata)
-                tally.cost = config.cost(tally.usage) if tally.usage else None
-            self._in_background(self._settle(request_id, admission, tally, config, estimated_input))
+                model = self._catalog.get(tally.model) or config
+                tally.cost = model.cost(tally.usage) if tally.usage else None
+            self._in_background(self._settle(call, tally, config, estimated_input))
             raise
-        finishing = [self._settle(request_id, admission, tally, config, estimated_input)]
+        finishing = [self._settle(call, tally, config, estimated_input)]
         if writes and cached is None:
-            finishing.append(self._store(request, request_id, admission.tenant_id, tally))
+            finishing.append(self._store(call, tally))
         await asyncio.gather(*finishing)
 
     async def _admit_and_lookup(
@@ -194,25 +252,30 @@ class Generator:
         max_output: int,
         deadline: Deadline,
         reads: bool,
-    ) -> tuple[control_pb2.AdmitResponse, cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
+        stream: bool,
+    ) -> tuple[_Call, cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
         fingerprint = hashlib.sha256(api_key.encode()).digest()
         predicted = self._tenant_of_key.get(fingerprint) if reads else None
         early = (
-            asyncio.create_task(self._lookup(request, predicted, request_id, deadline))
+            asyncio.create_task(
+                self._lookup(request, request.messages, predicted, request_id, deadline)
+            )
             if predicted
             else None
         )
+        admit = control_pb2.AdmitRequest(
+            request_id=request_id,
+            api_key=api_key,
+            model=request.model,
+            estimated_input_tokens=estimated_input,
+            max_output_tokens=max_output,
+            priority=request.priority,
+            messages=request.messages,
+        )
+        if request.HasField("max_cost_usd_micros"):
+            admit.max_cost_usd_micros = request.max_cost_usd_micros
         try:
-            admission = await self._control.admit(
-                control_pb2.AdmitRequest(
-                    request_id=request_id,
-                    api_key=api_key,
-                    model=request.model,
-                    estimated_input_tokens=estimated_input,
-                    max_output_tokens=max_output,
-                ),
-                deadline,
-            )
+            admission = await self._control.admit(admit, deadline)
         except BaseException:
             if early is not None:
                 early.cancel()
@@ -220,26 +283,32 @@ class Generator:
         if len(self._tenant_of_key) >= TENANT_MEMO_SIZE:
             self._tenant_of_key.clear()
         self._tenant_of_key[fingerprint] = admission.tenant_id
+        messages = admission.redacted_messages or request.messages
+        call = _Call(request_id, request, messages, admission, deadline, stream)
         if not reads:
-            return admission, None, common_pb2.CACHE_STATUS_BYPASS
-        if early is None or predicted != admission.tenant_id:
+            return call, None, common_pb2.CACHE_STATUS_BYPASS
+        if early is None or predicted != admission.tenant_id or admission.redacted_messages:
             if early is not None:
                 early.cancel()
             early = asyncio.create_task(
-                self._lookup(request, admission.tenant_id, request_id, deadline)
+                self._lookup(request, messages, admission.tenant_id, request_id, deadline)
             )
         answer, status = await early
-        return admission, answer, status
+        return call, answer, status
 
     async def _lookup(
-        self, request: GenerateRequest, tenant_id: str, request_id: str, deadline: Deadline
+        self,
+        request: GenerateRequest,
+        messages: Sequence[common_pb2.ChatMessage],
+        tenant_id: str,
+        request_id: str,
+        deadline: Deadline,
     ) -> tuple[cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
         """The cached answer and the cache status; a failing cache counts as a miss."""
         try:
             found = await self._cache.lookup(
                 cache_pb2.LookupRequest(
-                    scope=_scope(tenant_id, request.model, request.params),
-                    messages=request.messages,
+                    scope=_scope(tenant_id, request.model, request.params), messages=messages
                 ),
                 deadline,
                 request_id,
@@ -251,43 +320,50 @@ class Generator:
             return None, common_pb2.CACHE_STATUS_MISS
         return found.answer, common_pb2.CACHE_STATUS_HIT
 
-    async def _call_executor(
-        self,
-        request: GenerateRequest,
-        request_id: str,
-        model: str,
-        deadline: Deadline,
-        tally: _Tally,
-        stream: bool,
-    ) -> AsyncGenerator[Event, None]:
-        if not stream:
-            answer = await self._executor.complete(
-                executor_pb2.CompleteRequest(
-                    request_id=request_id,
-                    model=model,
-                    messages=request.messages,
-                    params=request.params,
-                ),
-                deadline,
-            )
-            tally.accepted = True
-            tally.model = answer.model
-            tally.text.append(answer.text)
-            tally.tool_pieces = tool_call_pieces(answer.tool_calls)
-            tally.usage, tally.cost = answer.usage, answer.cost
-            tally.finish_reason = answer.finish_reason
-            yield Started(request_id, answer.model, tally.cache_status)
-            yield answer.text
-            if tally.tool_pieces:
-                yield ToolPieces(tally.tool_pieces)
-            yield Finished(answer.finish_reason, answer.usage, answer.cost, tally.cache_status)
-            return
+    async def _run_plan(self, call: _Call, tally: _Tally) -> AsyncGenerator[Event, None]:
+        """Tries the plan's candidates in order until one answers."""
+        plan = [c.model for c in call.admission.plan] or [call.request.model]
+        for index, model in enumerate(plan):
+            started = time.monotonic()
+            attempt = control_pb2.Attempt(model=model)
+            try:
+                answer = (
+                    self._stream(call, model, tally)
+                    if call.stream
+                    else self._whole(call, model, tally)
+                )
+                async with aclosing(answer) as events:
+                    async for event in events:
+                        yield event
+                attempt.success = True
+                if tally.usage is not None:
+                    attempt.usage.CopyFrom(tally.usage)
+                return
+            except StrataError as err:
+                attempt.error_reason = err.reason
+                last = index == len(plan) - 1
+                if tally.accepted or last or err.reason not in FALLBACK_REASONS:
+                    raise
+                call.deadline.remaining()  # no time left: DEADLINE_EXCEEDED, not a fallback
+                log.warning(
+                    "model %s failed (%s); falling back to %s", model, err.reason, plan[index + 1]
+                )
+            finally:
+                attempt.latency.CopyFrom(_duration(time.monotonic() - started))
+                tally.attempts.append(attempt)
 
+    async def _stream(self, call: _Call, model: str, tally: _Tally) -> AsyncGenerator[Event, None]:
+        """One candidate's streamed answer, watched by the output guardrails."""
+        profile = call.admission.guardrail_profile or None
+        scanner = self._guardrails.output_scanner(profile)
         chunks = self._executor.stream(
             executor_pb2.StreamCompleteRequest(
-                request_id=request_id, model=model, messages=request.messages, params=request.params
+                request_id=call.request_id,
+                model=model,
+                messages=call.messages,
+                params=call.request.params,
             ),
-            deadline,
+            call.deadline,
         )
         async with aclosing(chunks) as executor_chunks:
             async for chunk in executor_chunks:
@@ -295,6 +371,9 @@ class Generator:
                 if kind == "delta":
                     delta = chunk.delta
                     if delta.text:
+                        if blocking := scanner.feed(delta.text):
+                            tally.findings.append(_finding(blocking.rule, blocking.action))
+                            raise GuardrailBlocked(blocking.rule, "output")
                         tally.text.append(delta.text)
                         tally.output_bytes += len(delta.text.encode())
                         yield delta.text
@@ -305,45 +384,71 @@ class Generator:
                 elif kind == "start":
                     tally.accepted = True
                     tally.model = chunk.start.model
-                    yield Started(request_id, chunk.start.model, tally.cache_status)
+                    yield Started(call.request_id, chunk.start.model, tally.cache_status)
                 elif kind == "final":
                     final = chunk.final
                     tally.usage, tally.cost = final.usage, final.cost
                     tally.finish_reason = final.finish_reason
+                    # Rules that only flag or redact leave the (already sent) stream alone.
+                    verdict = self._guardrails.check_output("".join(tally.text), profile)
+                    tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
                     yield Finished(final.finish_reason, final.usage, final.cost, tally.cache_status)
                     return
         raise StreamInterrupted("the executor's stream ended before its final chunk")
 
-    async def _store(
-        self, request: GenerateRequest, request_id: str, tenant_id: str, tally: _Tally
-    ) -> None:
+    async def _whole(self, call: _Call, model: str, tally: _Tally) -> AsyncGenerator[Event, None]:
+        """One candidate's whole answer, checked by the output guardrails before it is sent."""
+        answer = await self._executor.complete(
+            executor_pb2.CompleteRequest(
+                request_id=call.request_id,
+                model=model,
+                messages=call.messages,
+                params=call.request.params,
+            ),
+            call.deadline,
+        )
+        tally.accepted = True
+        tally.model = answer.model
+        tally.usage, tally.cost = answer.usage, answer.cost
+        tally.finish_reason = answer.finish_reason
+        verdict = self._guardrails.check_output(
+            answer.text, call.admission.guardrail_profile or None
+        )
+        tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
+        if (blocking := verdict.blocking) is not None:
+            raise GuardrailBlocked(blocking.rule, "output")
+        text = _redacted_output(verdict, answer.text)
+        tally.text.append(text)
+        tally.tool_pieces = tool_call_pieces(answer.tool_calls)
+        yield Started(call.request_id, answer.model, tally.cache_status)
+        yield text
+        if tally.tool_pieces:
+            yield ToolPieces(tally.tool_pieces)
+        yield Finished(answer.finish_reason, answer.usage, answer.cost, tally.cache_status)
+
+    async def _store(self, call: _Call, tally: _Tally) -> None:
         if tally.finish_reason not in _STORABLE or tally.usage is None:
             return
         store = cache_pb2.StoreRequest(
-            scope=_scope(tenant_id, tally.model, request.params),
-            messages=request.messages,
+            scope=_scope(call.admission.tenant_id, tally.model, call.request.params),
+            messages=call.messages,
             answer=cache_pb2.CachedAnswer(
                 text="".join(tally.text),
                 finish_reason=tally.finish_reason,
                 usage=tally.usage,
-                request_id=request_id,
+                request_id=call.request_id,
                 tool_calls=assemble_tool_calls(tally.tool_pieces),
             ),
         )
-        if request.cache_policy.HasField("ttl"):
-            store.ttl.CopyFrom(request.cache_policy.ttl)
+        if call.request.cache_policy.HasField("ttl"):
+            store.ttl.CopyFrom(call.request.cache_policy.ttl)
         try:
             await self._cache.store(store)
         except StrataError as err:
             log.warning("cache store failed (%s)", err.reason)
 
     async def _settle(
-        self,
-        request_id: str,
-        admission: control_pb2.AdmitResponse,
-        tally: _Tally,
-        config: ModelConfig,
-        estimated_input: int,
+        self, call: _Call, tally: _Tally, config: ModelConfig, estimated_input: int
     ) -> None:
         usage, cost = tally.usage, tally.cost
         if usage is None:
@@ -351,19 +456,24 @@ class Generator:
             usage = common_pb2.Usage(
                 input_tokens=estimated_input if tally.accepted else 0,
                 output_tokens=math.ceil(tally.output_bytes / 4),
+                estimated=True,
             )
-            cost = config.cost(usage)
+            cost = (self._catalog.get(tally.model) or config).cost(usage)
+        admission = call.admission
         try:
             await self._control.settle(
                 control_pb2.SettleRequest(
-                    request_id=request_id,
+                    request_id=call.request_id,
                     tenant_id=admission.tenant_id,
                     key_id=admission.key_id,
+                    team_id=admission.team_id,
                     outcome=tally.outcome,
                     model=tally.model,
                     usage=usage,
                     cost=cost,
                     cache_status=tally.cache_status,
+                    attempts=tally.attempts,
+                    guardrail_findings=tally.findings,
                 )
             )
         except StrataError as err:
@@ -390,6 +500,20 @@ def usage_of_interruption(metadata: Mapping[str, str]) -> common_pb2.Usage | Non
         )
     except (KeyError, ValueError):
         return None
+
+
+def _finding(rule: str, action: Action) -> control_pb2.GuardrailFinding:
+    return control_pb2.GuardrailFinding(rule=rule, action=_ACTIONS[action], message_index=-1)
+
+
+def _redacted_output(verdict: Verdict, text: str) -> str:
+    return verdict.redacted[0] if verdict.redacted else text
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
 
 
 def _scope(tenant_id: str, model: str, params: common_pb2.GenerationParams) -> cache_pb2.CacheScope:

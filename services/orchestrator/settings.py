@@ -24,6 +24,8 @@ class OrchestratorSettings(ServiceSettings):
     """Required. host:port of the executor service."""
     models_file: Path
     """Required. YAML file of providers and models (the same file the executor reads)."""
+    guardrails_file: Path = Path(__file__).resolve().parents[2] / "config" / "guardrails.yaml"
+    """YAML file of guardrail profiles, for the output checks (the same file control reads)."""
     default_deadline_s: float = 300.0
     """Longest a request may run when the client set no deadline."""
     admit_timeout_s: float = 2.0

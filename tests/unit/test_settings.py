@@ -91,6 +91,7 @@ def test_control_missing_redis_url_names_the_prefixed_variable(clean_env):
 def test_control_accepts_the_redis_url_alias(clean_env):
     clean_env.setenv("REDIS_URL", "redis://alias:6379/0")
     clean_env.setenv("STRATA_CONTROL_TENANTS_FILE", "tenants.yaml")
+    clean_env.setenv("STRATA_CONTROL_MODELS_FILE", "models.yaml")
 
     settings = load_settings(ControlSettings)
 
@@ -102,7 +103,7 @@ def test_control_accepts_the_redis_url_alias(clean_env):
 def test_control_prefixed_redis_url_wins_over_alias(clean_env):
     clean_env.setenv("REDIS_URL", "redis://alias:6379/0")
     clean_env.setenv("STRATA_CONTROL_REDIS_URL", "redis://own:6379/1")
-    clean_env.setenv("STRATA_CONTROL_TENANTS_FILE", "tenants.yaml")
+    clean_env.setenv("STRATA_CONTROL_MODELS_FILE", "models.yaml")
 
     assert load_settings(ControlSettings).redis_url == "redis://own:6379/1"
 

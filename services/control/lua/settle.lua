@@ -1,65 +1,65 @@
--- Settles one request exactly once: records its usage and returns the unused part of its
--- token reservation to the key's token limit.
+-- Settles one request exactly once: replaces its reservation by what it used (spend and
+-- tokens for the tenant, its team and the key, in the current day, month and in all),
+-- returns unused tokens to the per-minute limits, and frees its concurrency slot. A
+-- request whose reservation already expired into a charge is corrected to its real cost.
 --
--- KEYS[1] settled marker of the request
--- KEYS[2] the request's reservation (hash)
--- KEYS[3] token limit state of the key (theoretical arrival time, microseconds)
--- KEYS[4] tenant usage (hash)
--- KEYS[5] key usage (hash)
--- ARGV[1] settled marker lifetime, seconds
--- ARGV[2] input tokens
--- ARGV[3] output tokens
--- ARGV[4] cost, micro-USD
--- ARGV[5] microseconds per token (0: no token limit)
--- ARGV[6] outcome name: success, failure or cancelled
--- ARGV[7] 1 when the answer came from the cache
--- ARGV[8] model alias that answered ('' when none)
---
--- Returns 1 when applied, 0 when the request had been settled before.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
+-- KEYS  1 settled marker  2 pending  3 reservations  4 reserved  5 expired (hash rid->cost)
+--       6 policy  7 key tokens TAT  8 tenant tokens TAT
+--       9..17 usage hashes: tenant, team, key (each: total, day, month)
+-- ARGV  1 request id  2 key id  3 team  4 day id  5 month id  6 input tokens
+--       7 output tokens  8 cost  9 outcome  10 cache hit (0/1)  11 model  12 marker lifetime
+-- Returns {1} applied, {0} already settled, {-1, day, month} stale periods.
+
+if stale_periods(ARGV[4], ARGV[5]) then
+  return {-1, day, month}
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[12]) then
+  return {0}
 end
 
-local input_tokens = tonumber(ARGV[2])
-local output_tokens = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local per_token = tonumber(ARGV[5])
+local rid, key_id, team = ARGV[1], ARGV[2], ARGV[3]
+local input, output, cost = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local prior, counted = 0, 1
 
-local reserved = tonumber(redis.call('HGET', KEYS[2], 'tokens'))
-redis.call('DEL', KEYS[2])
-if reserved and per_token > 0 then
-  local unused = reserved - input_tokens - output_tokens
-  local tat = tonumber(redis.call('GET', KEYS[3]))
-  if unused ~= 0 and (tat or unused < 0) then
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-    if not tat or tat < now then
-      tat = now
+local held = redis.call('HGET', KEYS[3], rid)
+if held then
+  local held_key, held_team, tokens, reserved = parse_reservation(held)
+  redis.call('HDEL', KEYS[3], rid)
+  redis.call('ZREM', KEYS[2], rid)
+  for _, holder in ipairs({'tenant', 'team:' .. held_team, 'key:' .. held_key}) do
+    if holder ~= 'team:' then redis.call('HINCRBY', KEYS[4], holder, 0 - reserved) end
+  end
+  -- Return the tokens the request did not use to the token limits.
+  local unused = tokens - input - output
+  local tpm = redis.call('HMGET', KEYS[6], 'key:' .. held_key .. ':tpm', 'tenant:tpm')
+  for i, key in ipairs({KEYS[7], KEYS[8]}) do
+    local per_minute = num(tpm[i])
+    local tat = tonumber(redis.call('GET', key))
+    if per_minute > 0 and unused ~= 0 and (tat or unused < 0) then
+      if not tat or tat < now then tat = now end
+      tat = tat - unused * 60000000 / per_minute
+      if tat <= now then
+        redis.call('DEL', key)
+      else
+        redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+      end
     end
-    tat = tat - unused * per_token
-    if tat <= now then
-      redis.call('DEL', KEYS[3])
-    else
-      redis.call('SET', KEYS[3], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-    end
+  end
+else
+  local expired = redis.call('HGET', KEYS[5], rid)
+  if expired then
+    -- Already charged its worst case and counted when it expired: correct the charge.
+    prior, counted = tonumber(expired), 0
+    redis.call('HDEL', KEYS[5], rid)
   end
 end
 
-local outcome = 'outcome_' .. ARGV[6]
-local cached = tonumber(ARGV[7])
-for i = 4, 5 do
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  redis.call('HINCRBY', KEYS[i], 'input_tokens', input_tokens)
-  redis.call('HINCRBY', KEYS[i], 'output_tokens', output_tokens)
-  redis.call('HINCRBY', KEYS[i], 'cost_usd_micros', cost)
-  redis.call('HINCRBY', KEYS[i], outcome, 1)
-  redis.call('HINCRBY', KEYS[i], 'cache_hits', cached)
-end
-if ARGV[8] ~= '' then
-  local prefix = 'model:' .. ARGV[8] .. ':'
-  redis.call('HINCRBY', KEYS[4], prefix .. 'requests', 1)
-  redis.call('HINCRBY', KEYS[4], prefix .. 'input_tokens', input_tokens)
-  redis.call('HINCRBY', KEYS[4], prefix .. 'output_tokens', output_tokens)
-  redis.call('HINCRBY', KEYS[4], prefix .. 'cost_usd_micros', cost)
-end
-return 1
+add_usage(9, {'tenant', 'team:' .. team, 'key:' .. key_id}, {
+  spent = cost - prior,
+  input_tokens = input,
+  output_tokens = output,
+  requests = counted,
+  ['outcome_' .. ARGV[9]] = counted,
+  cache_hits = counted * tonumber(ARGV[10]),
+}, ARGV[11])
+return {1}

@@ -55,6 +55,12 @@ class CacheMatch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_MATCH_EXACT: _ClassVar[CacheMatch]
     CACHE_MATCH_SEMANTIC: _ClassVar[CacheMatch]
 
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
+
 class CacheMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CACHE_MODE_UNSPECIFIED: _ClassVar[CacheMode]
@@ -89,6 +95,9 @@ CACHE_STATUS_ERROR: CacheStatus
 CACHE_MATCH_UNSPECIFIED: CacheMatch
 CACHE_MATCH_EXACT: CacheMatch
 CACHE_MATCH_SEMANTIC: CacheMatch
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BATCH: Priority
 CACHE_MODE_UNSPECIFIED: CacheMode
 CACHE_MODE_READ_WRITE: CacheMode
 CACHE_MODE_READ_ONLY: CacheMode

@@ -46,6 +46,11 @@ class ControlServiceStub:
                 request_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.SerializeToString,
                 response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.CheckOutput = channel.unary_unary(
+                '/strata.control.v1.ControlService/CheckOutput',
+                request_serializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.SerializeToString,
+                response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -54,16 +59,26 @@ class ControlServiceServicer:
     """
 
     def Admit(self, request, context):
-        """Authenticates the API key, enforces the key's limits and reserves the request's worst
-        case (prompt tokens + maximum output tokens). Idempotent by request_id: admitting the
-        same request again returns the same answer without reserving twice.
+        """Authenticates the API key, checks the input guardrails, enforces the limits (key,
+        tenant, model; requests, tokens, concurrency) and reserves the request's worst-case
+        cost against every budget that applies; returns the plan of models to try. Idempotent
+        by request_id: admitting the same request again reserves nothing more.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Settle(self, request, context):
-        """Replaces a reservation by what the request actually used. Idempotent by request_id.
+        """Replaces a reservation by what the request actually used, records each attempt's
+        outcome for the circuit breakers and the output guardrail findings. Idempotent by
+        request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckOutput(self, request, context):
+        """Checks a generated text against the output guardrails of a profile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +96,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.FromString,
                     response_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.SerializeToString,
+            ),
+            'CheckOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckOutput,
+                    request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.FromString,
+                    response_serializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +159,33 @@ class ControlService:
             '/strata.control.v1.ControlService/Settle',
             strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.SerializeToString,
             strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.control.v1.ControlService/CheckOutput',
+            strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.SerializeToString,
+            strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1dstrata/common/v1/common.proto\"\xce\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\"\xad\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"\xd4\x01\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\"\xe7\x04\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a_\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xc1\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatusB\x07\n\x05\x63hunk2\xe7\x01\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1dstrata/common/v1/common.proto\"\xb6\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_max_cost_usd_micros\"\xad\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"\xbc\x02\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_max_cost_usd_micros\"\xe7\x04\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a_\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xc1\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatusB\x07\n\x05\x63hunk2\xe7\x01\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.orchestrator.v1.orch
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=101
-  _globals['_GENERATEREQUEST']._serialized_end=307
-  _globals['_GENERATERESPONSE']._serialized_start=310
-  _globals['_GENERATERESPONSE']._serialized_end=611
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=614
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=826
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=829
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1444
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=1068
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=1163
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=1165
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=1239
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=1242
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=1435
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1447
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=1678
+  _globals['_GENERATEREQUEST']._serialized_end=411
+  _globals['_GENERATERESPONSE']._serialized_start=414
+  _globals['_GENERATERESPONSE']._serialized_end=715
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=718
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=1034
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1037
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1652
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=1276
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=1371
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=1373
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=1447
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=1450
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=1643
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1655
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

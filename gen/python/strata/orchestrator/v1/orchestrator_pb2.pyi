@@ -8,18 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "messages", "params", "request_id", "cache_policy")
+    __slots__ = ("model", "messages", "params", "request_id", "cache_policy", "priority", "max_cost_usd_micros")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_MICROS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     params: _common_pb2.GenerationParams
     request_id: str
     cache_policy: _common_pb2.CachePolicy
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    max_cost_usd_micros: int
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "model", "text", "finish_reason", "usage", "cost", "cache_status", "tool_calls")
@@ -42,18 +46,22 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ...) -> None: ...
 
 class StreamGenerateRequest(_message.Message):
-    __slots__ = ("model", "messages", "params", "request_id", "cache_policy")
+    __slots__ = ("model", "messages", "params", "request_id", "cache_policy", "priority", "max_cost_usd_micros")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_MICROS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     params: _common_pb2.GenerationParams
     request_id: str
     cache_policy: _common_pb2.CachePolicy
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    max_cost_usd_micros: int
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ...) -> None: ...
 
 class StreamGenerateResponse(_message.Message):
     __slots__ = ("start", "delta", "final")

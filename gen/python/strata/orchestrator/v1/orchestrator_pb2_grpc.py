@@ -29,7 +29,8 @@ class OrchestratorServiceStub:
     """The public API. Every call carries `authorization: Bearer <api key>` metadata.
     Errors are google.rpc.Status with an ErrorInfo (domain "strata") whose reason is stable:
     API_KEY_INVALID, REQUEST_INVALID (with BadRequest field violations), MODEL_NOT_FOUND,
-    RATE_LIMITED (with RetryInfo), PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, ...
+    RATE_LIMITED (with RetryInfo), BUDGET_EXCEEDED, GUARDRAIL_BLOCKED, PROVIDER_UNAVAILABLE,
+    STREAM_INTERRUPTED, ... (the README lists them all).
     """
 
     def __init__(self, channel):
@@ -54,7 +55,8 @@ class OrchestratorServiceServicer:
     """The public API. Every call carries `authorization: Bearer <api key>` metadata.
     Errors are google.rpc.Status with an ErrorInfo (domain "strata") whose reason is stable:
     API_KEY_INVALID, REQUEST_INVALID (with BadRequest field violations), MODEL_NOT_FOUND,
-    RATE_LIMITED (with RetryInfo), PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, ...
+    RATE_LIMITED (with RetryInfo), BUDGET_EXCEEDED, GUARDRAIL_BLOCKED, PROVIDER_UNAVAILABLE,
+    STREAM_INTERRUPTED, ... (the README lists them all).
     """
 
     def Generate(self, request, context):
@@ -97,7 +99,8 @@ class OrchestratorService:
     """The public API. Every call carries `authorization: Bearer <api key>` metadata.
     Errors are google.rpc.Status with an ErrorInfo (domain "strata") whose reason is stable:
     API_KEY_INVALID, REQUEST_INVALID (with BadRequest field violations), MODEL_NOT_FOUND,
-    RATE_LIMITED (with RetryInfo), PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, ...
+    RATE_LIMITED (with RetryInfo), BUDGET_EXCEEDED, GUARDRAIL_BLOCKED, PROVIDER_UNAVAILABLE,
+    STREAM_INTERRUPTED, ... (the README lists them all).
     """
 
     @staticmethod
