@@ -19,11 +19,12 @@ help: ## List the targets
 
 install: $(INSTALLED) $(BUF) ## Create .venv with pinned dependencies and install buf locally
 
-$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	@echo "==> creating $(VENV) and installing pinned dependencies"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -m pip install --quiet -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 

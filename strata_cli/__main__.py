@@ -3,6 +3,7 @@
     strata chat "What is Strata?"          stream an answer (key from STRATA_API_KEY)
     strata keys create --tenant acme       print a new API key and the hash to configure
     strata admin ...                       keys, budgets, limits, usage, breakers (see --help)
+    strata cache ...                       tune the semantic threshold, stats, invalidate
     strata dev                             run the four services locally (what `make run` does)
     strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
 
@@ -25,7 +26,7 @@ from grpc_status import rpc_status
 
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from strata_cli import admin
+from strata_cli import admin, cache
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -187,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     health.set_defaults(run=_health)
 
     admin.add_parser(commands)
+    cache.add_parser(commands)
 
     dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
     dev.add_argument("--run-dir", default=".run")
@@ -200,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "admin":
         return admin.run(args)
+    if args.command == "cache":
+        return cache.run(args)
     return int(args.run(args))
 
 

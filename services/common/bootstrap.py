@@ -10,7 +10,6 @@ clients close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import logs
 from services.common.settings import ConfigError, ServiceSettings, load_settings
+from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
-        self._watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watch
+        await cancel_and_wait(self._watch)
         await self.health.enter_graceful_shutdown()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         await self.server.stop(grace)

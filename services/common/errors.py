@@ -179,20 +179,15 @@ class RateLimited(_RetryAfter):
 
 
 class RequestExceedsLimit(StrataError):
-    """One request needs more tokens than a whole minute's allowance; it can never fit."""
+    """One request needs more than a whole minute's allowance; it can never fit."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "REQUEST_EXCEEDS_LIMIT"
 
-    def __init__(self, scope: str, limit: int, requested: int) -> None:
+    def __init__(self, scope: str, limit: str, limit_value: int) -> None:
         super().__init__(
-            f"the request may use {requested} tokens, more than the {scope}'s {limit} per minute",
-            metadata={
-                "scope": scope,
-                "limit": "tokens_per_minute",
-                "limit_value": str(limit),
-                "requested": str(requested),
-            },
+            f"the request needs more than the {scope}'s whole {limit} ({limit_value})",
+            metadata={"scope": scope, "limit": limit, "limit_value": str(limit_value)},
         )
 
 

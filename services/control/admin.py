@@ -8,37 +8,30 @@ next request on every replica (key changes are announced to every replica's cach
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 import redis.asyncio as redis
 from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
+from services.common.admin import authorize, once
 from services.common.catalog import Catalog
 from services.common.errors import (
-    ApiKeyInvalid,
     FieldViolation,
     ModelNotFound,
     RequestInvalid,
-    StrataError,
 )
 from services.common.redis_state import redis_errors
-from services.common.validation import check_request_id
 from services.control.admission import TenantKeys, model_keys, periods
 from services.control.keys import KeyStore, new_key, valid_id
 from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2
 
-IDEMPOTENCY_TTL_S = 24 * 3600
-IN_PROGRESS = b"in-progress"
 MAX_PAGE = 1000
 _M = TypeVar("_M", bound=protobuf_message.Message)
 _STATES = {
@@ -51,20 +44,6 @@ _PERIODS = {
     admin_pb2.PERIOD_MONTH: "month",
     admin_pb2.PERIOD_TOTAL: "total",
 }
-
-
-class AdminTokenInvalid(StrataError):
-    """The admin token is missing or wrong (or the admin API is not configured)."""
-
-    code = ApiKeyInvalid.code
-    reason = "ADMIN_TOKEN_INVALID"
-
-
-class RequestInProgress(StrataError):
-    """The same request id is still being applied by another call."""
-
-    code = grpc.StatusCode.ABORTED
-    reason = "REQUEST_IN_PROGRESS"
 
 
 def _page(items: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
@@ -105,46 +84,15 @@ class Admin:
 
     def authorize(self, presented: str) -> None:
         """Refuses unless `presented` is the admin token."""
-        if not self._token or not hmac.compare_digest(presented.encode(), self._token.encode()):
-            raise AdminTokenInvalid("admin token missing or invalid")
+        authorize(self._token, presented)
 
     async def idempotent(
         self, request_id: str, response: type[_M], apply: Callable[[], Awaitable[_M]]
     ) -> _M:
         """Applies a mutation once per request id; repeats get the first answer."""
-        if violation := check_request_id(request_id):
-            raise RequestInvalid([violation])
-        slot = f"strata:admin:request:{request_id}"
-        kind = response.DESCRIPTOR.full_name.encode()
-        with redis_errors():
-            claimed = await self._redis.set(slot, IN_PROGRESS, nx=True, ex=60)
-        if not claimed:
-            return await self._replay(slot, kind, response)
-        try:
-            result = await apply()
-        except BaseException:
-            with redis_errors():
-                await self._redis.delete(slot)
-            raise
-        with redis_errors():
-            await self._redis.set(
-                slot, kind + b"\n" + result.SerializeToString(), ex=IDEMPOTENCY_TTL_S
-            )
-        return result
-
-    async def _replay(self, slot: str, kind: bytes, response: type[_M]) -> _M:
-        for _ in range(100):
-            with redis_errors():
-                stored: Any = await self._redis.get(slot)
-            if stored is None:
-                raise RequestInProgress("the first call with this request id failed; retry")
-            if stored != IN_PROGRESS:
-                stored_kind, _, body = stored.partition(b"\n")
-                if stored_kind != kind:
-                    raise RequestInvalid.field("request_id", "was used for another call")
-                return response.FromString(body)
-            await asyncio.sleep(0.05)
-        raise RequestInProgress("a call with this request id is still running")
+        return await once(
+            self._redis, "strata:admin:request", request_id, response, apply, kept=_without_key
+        )
 
     # --- keys --------------------------------------------------------------------------
 
@@ -166,7 +114,8 @@ class Admin:
         )
         names = TenantKeys(request.tenant_id)
         with redis_errors():
-            if await self._redis.hexists(f"{names.base}:keys", key_id):
+            # Claims the id atomically: of concurrent creates of one id, one wins.
+            if not await self._redis.hsetnx(f"{names.base}:keys", key_id, "{}"):  # type: ignore[misc]
                 raise RequestInvalid.field("key_id", f"{key_id!r} exists in the tenant")
             profile: Any = await self._redis.hget(names.policy, "tenant:profile")
         key, digest = new_key()
@@ -354,15 +303,29 @@ class Admin:
                 states: Any = await pipe.execute()
         breakers = []
         for model, (state, consecutive, open_until) in zip(page, states, strict=True):
+            name = (state or b"closed").decode()
+            until = int(float(open_until or 0))
+            if name == "open" and until <= time.time() * 1_000_000:
+                name = "half_open"  # the cool-down is over: the next request probes
             breaker = admin_pb2.Breaker(
                 model=model,
-                state=_STATES.get((state or b"closed").decode(), admin_pb2.BREAKER_STATE_CLOSED),
+                state=_STATES.get(name, admin_pb2.BREAKER_STATE_CLOSED),
                 consecutive_failures=int(consecutive or 0),
             )
-            if open_until:
-                breaker.open_until.FromMicroseconds(int(float(open_until)))
+            if name == "open":
+                breaker.open_until.FromMicroseconds(until)
             breakers.append(breaker)
         return admin_pb2.ListBreakersResponse(breakers=breakers, next_page_token=token)
+
+
+def _without_key(response: _M) -> _M:
+    """What is kept of an answer for repeats: never a clear API key."""
+    if isinstance(response, admin_pb2.CreateApiKeyResponse):
+        kept = admin_pb2.CreateApiKeyResponse()
+        kept.CopyFrom(response)
+        kept.api_key = ""
+        return kept  # type: ignore[return-value]
+    return response
 
 
 def _holder(tenant_id: str, scope: int, scope_id: str) -> str:

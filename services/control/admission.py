@@ -53,7 +53,7 @@ from services.common.errors import (
 from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.redis_state import redis_errors
 from services.common.validation import check_request_id
-from services.control.keys import TENANTS_SET, KeyRecord, KeyStore, tenant_tag
+from services.control.keys import TENANTS_SET, KeyRecord, KeyStore, tenant_tag, valid_id
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 
@@ -191,6 +191,7 @@ class AdmissionControl:
         self._settle = client.register_script(_script("common.lua", "settle.lua"))
         self._expire = client.register_script(_script("common.lua", "expire.lua"))
         self._breaker = client.register_script(_script("breaker.lua"))
+        self._release_script = client.register_script(_script("common.lua", "release.lua"))
 
     # --- admission -------------------------------------------------------------------
 
@@ -217,7 +218,9 @@ class AdmissionControl:
 
         checks, admitted = await self._run_admission(request, key, priced, tokens, cost, batch)
         if admitted[0] == 0:
-            raise _refusal(admitted, key, tokens)
+            probes = [m for (m, _), c in zip(priced, checks, strict=True) if c[0] == 2]
+            await self._release_probes(probes)
+            raise _refusal(admitted)
         plan = [
             (model.name, check[0] == 2)
             for (model, _), check in zip(priced, checks, strict=True)
@@ -331,10 +334,36 @@ class AdmissionControl:
         raise StrataError("the UTC period kept changing during admission")
 
     async def _release(self, request_id: str, key: KeyRecord) -> None:
-        """Undoes a reservation that no model can use (settles it as unused)."""
-        await self._apply_settlement(
-            request_id, key.tenant_id, key.key_id, key.team_id, "failure", "", 0, 0, 0, False
-        )
+        """Undoes a reservation that no model can use; the request may be retried as is."""
+        names = TenantKeys(key.tenant_id)
+        with redis_errors():
+            await self._release_script(
+                keys=[
+                    names.pending,
+                    names.reservations,
+                    names.reserved,
+                    names.rate("key", key.key_id, "tok"),
+                    names.rate("tenant", "", "tok"),
+                    names.rate("key", key.key_id, "req"),
+                    names.rate("tenant", "", "req"),
+                    names.policy,
+                ],
+                args=[request_id],
+            )
+
+    async def _release_probes(self, models: Sequence[ModelConfig]) -> None:
+        """Lets another request probe the half-open breakers this refused request held."""
+        if not models:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                await self._breaker(
+                    keys=model_keys(model.name),
+                    args=["release", 0, 1, 0, 0, *_breaker_args(model)],
+                    client=pipe,
+                )
+            with redis_errors():
+                await pipe.execute()
 
     # --- settlement ------------------------------------------------------------------
 
@@ -420,10 +449,15 @@ class AdmissionControl:
                         self._settlement_ttl_s,
                     ],
                 )
+            if result[0] == -2:
+                # The reservation belongs to another key or team than the call said: charge
+                # the holders the money was reserved for.
+                key_id, team_id = _text(result[1]), _text(result[2])
+                continue
             if result[0] != -1:
                 return bool(result[0])
             day, month = int(result[1]), int(result[2])
-        raise StrataError("the UTC period kept changing during settlement")
+        raise StrataError("the settlement kept changing under the call")
 
     # --- expiry ----------------------------------------------------------------------
 
@@ -474,8 +508,8 @@ class AdmissionControl:
     ) -> tuple[Verdict, list[control_pb2.GuardrailFinding]]:
         """The output guardrails' verdict on a text, recorded with the request."""
         violations = [v for v in [check_request_id(request.request_id)] if v]
-        if not request.tenant_id:
-            violations.append(FieldViolation("tenant_id", "is required"))
+        if not valid_id(request.tenant_id):
+            violations.append(FieldViolation("tenant_id", "is required ([a-z0-9][a-z0-9_-]*)"))
         if violations:
             raise RequestInvalid(violations)
         try:
@@ -545,13 +579,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _refusal(result: Sequence[Any], key: KeyRecord, tokens: int) -> StrataError:
+def _refusal(result: Sequence[Any]) -> StrataError:
     reason, detail = _text(result[1]), _text(result[2])
     retry_us, limit, remaining = int(result[3]), int(result[4]), int(result[5])
     scope, _, name = detail.partition(":")
+    if reason == "REQUEST_EXCEEDS_LIMIT":
+        return RequestExceedsLimit(scope, name, limit)
     if reason == "RATE_LIMITED":
-        if name == "tokens_per_minute" and tokens > limit:
-            return RequestExceedsLimit(scope, limit, tokens)
         return RateLimited(
             f"{name} limit of the {scope} reached",
             retry_after_s=retry_us / 1e6,
@@ -582,8 +616,10 @@ def _check_admit(request: control_pb2.AdmitRequest) -> None:
 def _check_settle(request: control_pb2.SettleRequest) -> None:
     violations = [v for v in [check_request_id(request.request_id)] if v]
     for name in ("tenant_id", "key_id"):
-        if not getattr(request, name):
-            violations.append(FieldViolation(name, "is required"))
+        if not valid_id(getattr(request, name)):
+            violations.append(FieldViolation(name, "is required ([a-z0-9][a-z0-9_-]*)"))
+    if request.team_id and not valid_id(request.team_id):
+        violations.append(FieldViolation("team_id", "must match [a-z0-9][a-z0-9_-]*"))
     if request.outcome not in _OUTCOMES:
         violations.append(FieldViolation("outcome", "must be a known outcome"))
     usage, cost = request.usage, request.cost

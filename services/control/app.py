@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
@@ -13,6 +12,7 @@ from services.common.catalog import load_catalog
 from services.common.errors import StrataError
 from services.common.guardrails import Guardrails
 from services.common.redis_state import connect
+from services.common.tasks import cancel_and_wait
 from services.control.admin import Admin
 from services.control.admission import AdmissionControl
 from services.control.keys import KeyStore, TenantsFile, seed
@@ -69,9 +69,7 @@ async def build(settings: ControlSettings) -> Service:
 
     async def close() -> None:
         for task in (seeding, sweeper):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await keys.stop()
         await client.aclose()
 

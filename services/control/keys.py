@@ -28,7 +28,6 @@ replica within moments. The tenants file (YAML) seeds keys, limits and budgets a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from services.common.errors import ApiKeyInvalid
 from services.common.redis_state import redis_errors
 from services.common.settings import ConfigError
+from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,7 @@ class KeyStore:
     async def stop(self) -> None:
         """Stops listening."""
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
 
 
 async def seed(client: redis.Redis, store: KeyStore, tenants: TenantsFile) -> None:
@@ -349,11 +347,14 @@ async def seed(client: redis.Redis, store: KeyStore, tenants: TenantsFile) -> No
                     f"{tenant_tag(tenant_id)}:policy", "tenant:profile", tenant.guardrail_profile
                 )
         for key in tenant.keys:
+            # A key revoked at run time stays revoked: the file cannot bring it back.
+            with redis_errors():
+                state = await client.hget(record_key(key.sha256), "state")  # type: ignore[misc]
             await store.put(
                 key.sha256,
                 tenant_id,
                 key.id,
                 key.team,
                 tenant.guardrail_profile,
-                active=not key.disabled,
+                active=not key.disabled and state != b"revoked",
             )

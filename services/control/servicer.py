@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from services.common.admin import bearer
 from services.common.errors import unary_handler
 from services.control.admin import Admin
 from services.control.admission import AdmissionControl
@@ -49,17 +50,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return control_pb2.CheckOutputResponse(
             blocked=verdict.blocked,
             findings=findings,
-            redacted_text=verdict.redacted[0] if verdict.redacted else "",
+            # A blocked text is not shown, redacted or not.
+            redacted_text=verdict.redacted[0] if verdict.redacted and not verdict.blocked else "",
         )
-
-
-def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
-    return ""
 
 
 class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
@@ -72,7 +65,7 @@ class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.CreateApiKeyResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.idempotent(
             request.request_id,
             admin_pb2.CreateApiKeyResponse,
@@ -83,14 +76,14 @@ class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ListApiKeysResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.list_keys(request)
 
     @unary_handler
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.RevokeApiKeyResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.idempotent(
             request.request_id,
             admin_pb2.RevokeApiKeyResponse,
@@ -101,7 +94,7 @@ class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     async def SetBudget(
         self, request: admin_pb2.SetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.SetBudgetResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.idempotent(
             request.request_id, admin_pb2.SetBudgetResponse, lambda: self._admin.set_budget(request)
         )
@@ -110,7 +103,7 @@ class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     async def SetLimits(
         self, request: admin_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.SetLimitsResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.idempotent(
             request.request_id, admin_pb2.SetLimitsResponse, lambda: self._admin.set_limits(request)
         )
@@ -119,12 +112,12 @@ class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     async def GetUsage(
         self, request: admin_pb2.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetUsageResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.usage(request)
 
     @unary_handler
     async def ListBreakers(
         self, request: admin_pb2.ListBreakersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ListBreakersResponse:
-        self._admin.authorize(_bearer(context))
+        self._admin.authorize(bearer(context))
         return await self._admin.breakers(request)

@@ -33,6 +33,7 @@ async def build(settings: OrchestratorSettings) -> Service:
         ControlClient(channels["control"], settings.admit_timeout_s, settings.settle_timeout_s),
         CacheClient(channels["cache"], settings.cache_timeout_s),
         ExecutorClient(channels["executor"]),
+        audit_rate=settings.cache_audit_rate,
     )
     servicer = OrchestratorServicer(generator, settings.default_deadline_s)
 

@@ -20,6 +20,7 @@ from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Resp = TypeVar("_Resp")
 
+AUDIT_TIMEOUT_S = 10.0
 SETTLE_ATTEMPTS = 3
 """Settle is idempotent by request id, so an UNAVAILABLE answer is safely tried again."""
 
@@ -84,6 +85,16 @@ class CacheClient:
                 request,
                 timeout=deadline.cap(self._timeout_s),
                 metadata=request_metadata(request_id),
+            ),
+        )
+
+    async def audit(
+        self, request: cache_pb2.AuditRequest, request_id: str
+    ) -> cache_pb2.AuditResponse:
+        return await _unary(
+            "cache",
+            self._stub.Audit(
+                request, timeout=AUDIT_TIMEOUT_S, metadata=request_metadata(request_id)
             ),
         )
 

@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 GenerateRequest = orchestrator_pb2.GenerateRequest | orchestrator_pb2.StreamGenerateRequest
 
+AUDIT_DEADLINE_S = 120.0
 REPLAY_CHUNK_CHARS = 64
 """A cached answer streams back in pieces of this many characters, like a live one."""
 TENANT_MEMO_SIZE = 10_000
@@ -105,6 +107,7 @@ class Started:
     request_id: str
     model: str
     cache_status: common_pb2.CacheStatus
+    cache_match: common_pb2.CacheMatch = common_pb2.CACHE_MATCH_UNSPECIFIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +172,10 @@ class Generator:
         control: ControlClient,
         cache: CacheClient,
         executor: ExecutorClient,
+        audit_rate: float = 0.0,
     ) -> None:
         self._catalog = catalog
+        self._audit_rate = audit_rate
         self._guardrails = guardrails
         self._control = control
         self._cache = cache
@@ -207,15 +212,16 @@ class Generator:
         mode = request.cache_policy.mode
         reads, writes = mode in _READS, mode in _WRITES
 
-        call, cached, cache_status = await self._admit_and_lookup(
+        call, found, cache_status = await self._admit_and_lookup(
             request, request_id, api_key, estimated_input, max_output, deadline, reads, stream
         )
+        cached = found.answer if found is not None else None
         tally = _Tally(cache_status=cache_status)
         try:
-            if cached is not None:
+            if found is not None and cached is not None:
                 tally.model = config.name
                 tally.usage, tally.cost = common_pb2.Usage(), common_pb2.Cost()
-                yield Started(request_id, config.name, cache_status)
+                yield Started(request_id, config.name, cache_status, found.match)
                 for i in range(0, len(cached.text), REPLAY_CHUNK_CHARS):
                     yield cached.text[i : i + REPLAY_CHUNK_CHARS]
                 if cached.tool_calls:
@@ -242,6 +248,9 @@ class Generator:
         if writes and cached is None:
             finishing.append(self._store(call, tally))
         await asyncio.gather(*finishing)
+        if found is not None and found.match == common_pb2.CACHE_MATCH_SEMANTIC:
+            if self._audit_rate and random.random() < self._audit_rate:
+                self._in_background(self._audit(call, found.entry_id))
 
     async def _admit_and_lookup(
         self,
@@ -253,7 +262,7 @@ class Generator:
         deadline: Deadline,
         reads: bool,
         stream: bool,
-    ) -> tuple[_Call, cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
+    ) -> tuple[_Call, cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
         fingerprint = hashlib.sha256(api_key.encode()).digest()
         predicted = self._tenant_of_key.get(fingerprint) if reads else None
         early = (
@@ -303,12 +312,12 @@ class Generator:
         tenant_id: str,
         request_id: str,
         deadline: Deadline,
-    ) -> tuple[cache_pb2.CachedAnswer | None, common_pb2.CacheStatus]:
-        """The cached answer and the cache status; a failing cache counts as a miss."""
+    ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
+        """The cache's answer and the cache status; a failing cache counts as a miss."""
         try:
             found = await self._cache.lookup(
                 cache_pb2.LookupRequest(
-                    scope=_scope(tenant_id, request.model, request.params), messages=messages
+                    scope=_scope(tenant_id, request.model, request), messages=messages
                 ),
                 deadline,
                 request_id,
@@ -318,7 +327,7 @@ class Generator:
             return None, common_pb2.CACHE_STATUS_ERROR
         if found.match == common_pb2.CACHE_MATCH_UNSPECIFIED:
             return None, common_pb2.CACHE_STATUS_MISS
-        return found.answer, common_pb2.CACHE_STATUS_HIT
+        return found, common_pb2.CACHE_STATUS_HIT
 
     async def _run_plan(self, call: _Call, tally: _Tally) -> AsyncGenerator[Event, None]:
         """Tries the plan's candidates in order until one answers."""
@@ -430,7 +439,7 @@ class Generator:
         if tally.finish_reason not in _STORABLE or tally.usage is None:
             return
         store = cache_pb2.StoreRequest(
-            scope=_scope(call.admission.tenant_id, tally.model, call.request.params),
+            scope=_scope(call.admission.tenant_id, tally.model, call.request),
             messages=call.messages,
             answer=cache_pb2.CachedAnswer(
                 text="".join(tally.text),
@@ -479,6 +488,27 @@ class Generator:
         except StrataError as err:
             log.error("settlement failed (%s); the reservation will expire instead", err.reason)
 
+    async def _audit(self, call: _Call, entry_id: str) -> None:
+        """Asks the model anyway and lets the cache compare its answer with the served one."""
+        try:
+            answer = await self._executor.complete(
+                executor_pb2.CompleteRequest(
+                    request_id=call.request_id,
+                    model=call.request.model,
+                    messages=call.messages,
+                    params=call.request.params,
+                ),
+                Deadline.after(AUDIT_DEADLINE_S),
+            )
+            await self._cache.audit(
+                cache_pb2.AuditRequest(
+                    tenant_id=call.admission.tenant_id, entry_id=entry_id, answer_text=answer.text
+                ),
+                call.request_id,
+            )
+        except StrataError as err:
+            log.info("cache audit skipped (%s)", err.reason)
+
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
@@ -516,5 +546,10 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def _scope(tenant_id: str, model: str, params: common_pb2.GenerationParams) -> cache_pb2.CacheScope:
-    return cache_pb2.CacheScope(tenant_id=tenant_id, model=model, params=params)
+def _scope(tenant_id: str, model: str, request: GenerateRequest) -> cache_pb2.CacheScope:
+    return cache_pb2.CacheScope(
+        tenant_id=tenant_id,
+        model=model,
+        params=request.params,
+        semantic=cache_pb2.SemanticPolicy(disabled=request.cache_policy.semantic_disabled),
+    )

@@ -75,6 +75,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 elif isinstance(event, Started):
                     response.request_id = event.request_id
                     response.model = event.model
+                    response.cache_match = event.cache_match
                 else:
                     response.finish_reason = event.finish_reason
                     response.usage.CopyFrom(event.usage)
@@ -103,6 +104,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                             request_id=event.request_id,
                             model=event.model,
                             cache_status=event.cache_status,
+                            cache_match=event.cache_match,
                         )
                     )
                 else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -26,6 +27,9 @@ class OrchestratorSettings(ServiceSettings):
     """Required. YAML file of providers and models (the same file the executor reads)."""
     guardrails_file: Path = Path(__file__).resolve().parents[2] / "config" / "guardrails.yaml"
     """YAML file of guardrail profiles, for the output checks (the same file control reads)."""
+    cache_audit_rate: float = Field(default=0.0, ge=0, le=1)
+    """Share of semantic cache hits also answered by the model in the background, to measure
+    how often a hit was wrong (the cache counts agreements; these calls are not billed)."""
     default_deadline_s: float = 300.0
     """Longest a request may run when the client set no deadline."""
     admit_timeout_s: float = 2.0

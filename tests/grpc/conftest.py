@@ -12,6 +12,7 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from services.cache.app import build as build_cache
 from services.cache.settings import CacheSettings
@@ -75,7 +76,7 @@ async def control(
         tenants_file=tenants_file,
         models_file=models_file,
         guardrails_file=guardrails_file,
-        admin_token=ADMIN_TOKEN,
+        admin_token=SecretStr(ADMIN_TOKEN),
         sweep_interval_s=0.2,
         **LOCAL,
     )
@@ -156,22 +157,33 @@ async def start_control(
 
     yield start_one
     for served in reversed(started):
-        import sys
-        import time as _t
-        t0 = _t.monotonic()
-        await served.channel.close()
-        print("channel closed", _t.monotonic() - t0, file=sys.stderr)
-        task = asyncio.ensure_future(served.server.stop(0))
-        done, _ = await asyncio.wait([task], timeout=3)
-        if not done:
-            for tk in asyncio.all_tasks():
-                print("TASK", tk, file=sys.stderr)
-                tk.print_stack(file=sys.stderr)
-        await task
+        await _stop_control(served)
+
+
+async def _stop_control(served: Served) -> None:
+    """`shutdown`, re-cancelling any task that swallowed its cancellation: on Python 3.11
+    `asyncio.wait_for` (used by redis-py) can swallow a cancel that lands as the awaited
+    operation completes, and control's `close()` would then wait for its sweeper forever."""
+    await served.channel.close()
+    stopping = asyncio.ensure_future(served.server.stop(0))
+    async with asyncio.timeout(10):
+        while not stopping.done():
+            await asyncio.wait({stopping}, timeout=0.2)
+            for task in asyncio.all_tasks():
+                if task.cancelling() and not task.done():
+                    task.cancel()
+    await stopping
 
 
 @pytest.fixture
-def admin(control: Served) -> Any:
-    """A ControlAdminService stub on the `control` server's channel (pass the metadata
+async def admin_control(start_control: StartControl, tenants_file: Path) -> Served:
+    """A control server like `control` (the test tenants, admin token ADMIN_TOKEN), stopped
+    by `start_control`."""
+    return await start_control(tenants_file)
+
+
+@pytest.fixture
+def admin(admin_control: Served) -> Any:
+    """A ControlAdminService stub on `admin_control`'s channel (pass the metadata
     `bearer(ADMIN_TOKEN)` from tests.helpers)."""
-    return admin_pb2_grpc.ControlAdminServiceStub(control.channel)
+    return admin_pb2_grpc.ControlAdminServiceStub(admin_control.channel)

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from services.cache.exact import entry_id, redis_key
+from services.cache.scope import entry_id, redis_key
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.common.settings import ConfigError
 from services.common.guardrails import (
     RULE_IDS,
     Action,
@@ -23,6 +22,7 @@ from services.common.guardrails import (
     OutputScanner,
     Verdict,
 )
+from services.common.settings import ConfigError
 from services.control.keys import KEY_PREFIX, new_key
 
 ROOT = Path(__file__).resolve().parents[2]

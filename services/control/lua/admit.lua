@@ -53,11 +53,16 @@ local burst = (num(p[4]) > 0 and num(p[4]) or 60) * 1000000
 local pending_tat = {}
 local function gcra(key, per_minute, quantity, scope, name)
   if per_minute <= 0 then return nil end
+  if quantity > per_minute then
+    -- More than a whole minute's allowance: it could never fit.
+    return {0, 'REQUEST_EXCEEDS_LIMIT', scope .. ':' .. name, 0, per_minute, 0}
+  end
   local interval = WINDOW / per_minute
   local tat = tonumber(redis.call('GET', key))
   if not tat or tat < now then tat = now end
   local new_tat = tat + interval * quantity
-  local allowed = new_tat - burst * share
+  -- An idle bucket always admits one request, however short the burst window.
+  local allowed = new_tat - math.max(burst * share, interval * quantity)
   if allowed > now then
     return {0, 'RATE_LIMITED', scope .. ':' .. name, math.ceil(allowed - now), per_minute, 0}
   end

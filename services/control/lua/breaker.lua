@@ -3,6 +3,8 @@
 -- mode 'check' (at admission): may the model be tried? Closed: yes. Open: no, until the
 -- cool-down ends; then half-open: exactly one request at a time becomes the probe. The
 -- model's limits are checked but not consumed (batch requests may use only their share).
+-- mode 'release': the request holding the probe was refused before it could try the model;
+-- another request may probe now.
 -- mode 'record' (at settlement): one attempt's outcome. It consumes the model's limits,
 -- and failures open the breaker (N in a row, or a failure ratio over a window); a failed
 -- probe reopens it with a doubled cool-down, a successful probe closes it.
@@ -61,6 +63,11 @@ if ARGV[1] == 'check' then
   return {answer}
 end
 
+if ARGV[1] == 'release' then
+  if state == 'half_open' then redis.call('HSET', breaker, 'probe_until', 0) end
+  return {state}
+end
+
 -- 'record': consume the model's limits, then move the breaker.
 for _, limit in ipairs(limits) do
   local per_minute = limit[2]
@@ -88,6 +95,7 @@ if success then
   if state == 'half_open' then
     state, cooldown = 'closed', 0
     w_start, w_total, w_fail = now, 0, 0
+    redis.call('HDEL', breaker, 'open_until', 'probe_until')
   end
 else
   consecutive = consecutive + 1

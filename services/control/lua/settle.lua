@@ -8,22 +8,29 @@
 --       9..17 usage hashes: tenant, team, key (each: total, day, month)
 -- ARGV  1 request id  2 key id  3 team  4 day id  5 month id  6 input tokens
 --       7 output tokens  8 cost  9 outcome  10 cache hit (0/1)  11 model  12 marker lifetime
--- Returns {1} applied, {0} already settled, {-1, day, month} stale periods.
+-- Returns {1} applied, {0} already settled, {-1, day, month} stale periods,
+--         {-2, key id, team} the reservation names another key or team: call again with them.
 
 if stale_periods(ARGV[4], ARGV[5]) then
   return {-1, day, month}
+end
+local rid, key_id, team = ARGV[1], ARGV[2], ARGV[3]
+local held = redis.call('HGET', KEYS[3], rid)
+local held_key, held_team, tokens, reserved
+if held then
+  held_key, held_team, tokens, reserved = parse_reservation(held)
+  if held_key ~= key_id or held_team ~= team then
+    return {-2, held_key, held_team}
+  end
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[12]) then
   return {0}
 end
 
-local rid, key_id, team = ARGV[1], ARGV[2], ARGV[3]
 local input, output, cost = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local prior, counted = 0, 1
 
-local held = redis.call('HGET', KEYS[3], rid)
 if held then
-  local held_key, held_team, tokens, reserved = parse_reservation(held)
   redis.call('HDEL', KEYS[3], rid)
   redis.call('ZREM', KEYS[2], rid)
   for _, holder in ipairs({'tenant', 'team:' .. held_team, 'key:' .. held_key}) do

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class CacheServiceStub:
-    """Reuse of answers. An answer is served only inside the scope it was stored in.
+    """Reuse of answers. An answer is served only inside the scope it was stored in: first by
+    exact (normalised) match, then by meaning, when a stored question is close enough and
+    passes every guard (numbers, negation, opposites, names, identifiers, format, language).
     """
 
     def __init__(self, channel):
@@ -45,10 +47,17 @@ class CacheServiceStub:
                 request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
                 response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/strata.cache.v1.CacheService/Audit',
+                request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.AuditRequest.SerializeToString,
+                response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
-    """Reuse of answers. An answer is served only inside the scope it was stored in.
+    """Reuse of answers. An answer is served only inside the scope it was stored in: first by
+    exact (normalised) match, then by meaning, when a stored question is close enough and
+    passes every guard (numbers, negation, opposites, names, identifiers, format, language).
     """
 
     def Lookup(self, request, context):
@@ -60,6 +69,13 @@ class CacheServiceServicer:
 
     def Store(self, request, context):
         """Stores an answer for a conversation inside a scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Compares a fresh answer with a stored one (audit of semantic hits) and counts the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +94,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.FromString,
                     response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.SerializeToString,
             ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.AuditRequest.FromString,
+                    response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.AuditResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'strata.cache.v1.CacheService', rpc_method_handlers)
@@ -87,7 +108,9 @@ def add_CacheServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CacheService:
-    """Reuse of answers. An answer is served only inside the scope it was stored in.
+    """Reuse of answers. An answer is served only inside the scope it was stored in: first by
+    exact (normalised) match, then by meaning, when a stored question is close enough and
+    passes every guard (numbers, negation, opposites, names, identifiers, format, language).
     """
 
     @staticmethod
@@ -134,6 +157,153 @@ class CacheService:
             '/strata.cache.v1.CacheService/Store',
             strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
             strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.cache.v1.CacheService/Audit',
+            strata_dot_cache_dot_v1_dot_cache__pb2.AuditRequest.SerializeToString,
+            strata_dot_cache_dot_v1_dot_cache__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CacheAdminServiceStub:
+    """For platform teams: invalidation and statistics.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Invalidate = channel.unary_unary(
+                '/strata.cache.v1.CacheAdminService/Invalidate',
+                request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateRequest.SerializeToString,
+                response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/strata.cache.v1.CacheAdminService/GetStats',
+                request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+
+
+class CacheAdminServiceServicer:
+    """For platform teams: invalidation and statistics.
+    """
+
+    def Invalidate(self, request, context):
+        """Drops every entry matching all the given conditions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Reads a tenant's cache statistics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CacheAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Invalidate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invalidate,
+                    request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateRequest.FromString,
+                    response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.FromString,
+                    response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'strata.cache.v1.CacheAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('strata.cache.v1.CacheAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CacheAdminService:
+    """For platform teams: invalidation and statistics.
+    """
+
+    @staticmethod
+    def Invalidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.cache.v1.CacheAdminService/Invalidate',
+            strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateRequest.SerializeToString,
+            strata_dot_cache_dot_v1_dot_cache__pb2.InvalidateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.cache.v1.CacheAdminService/GetStats',
+            strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
+            strata_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

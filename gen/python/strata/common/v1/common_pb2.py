@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstrata/common/v1/common.proto\x12\x10strata.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\x98\x01\n\x0b\x43hatMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.strata.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12.\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"S\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .strata.common.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"~\n\x0eResponseFormat\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.strata.common.v1.ResponseFormatType\x12\x13\n\x0bschema_name\x18\x02 \x01(\t\x12\x13\n\x0bjson_schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"P\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\"\xcf\x02\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11max_output_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12%\n\x05tools\x18\x06 \x03(\x0b\x32\x16.strata.common.v1.Tool\x12\x31\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x1c.strata.common.v1.ToolChoice\x12\x39\n\x0fresponse_format\x18\x08 \x01(\x0b\x32 .strata.common.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x14\n\x12_max_output_tokensB\x07\n\x05_seed\"G\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x11\n\testimated\x18\x03 \x01(\x08\"U\n\x04\x43ost\x12\x18\n\x10input_usd_micros\x18\x01 \x01(\x03\x12\x19\n\x11output_usd_micros\x18\x02 \x01(\x03\x12\x18\n\x10total_usd_micros\x18\x03 \x01(\x03\"`\n\x0b\x43\x61\x63hePolicy\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.strata.common.v1.CacheMode\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\x89\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x03\x12\x16\n\x12\x43\x41\x43HE_STATUS_ERROR\x10\x04*Z\n\nCacheMatch\x12\x1b\n\x17\x43\x41\x43HE_MATCH_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MATCH_EXACT\x10\x01\x12\x18\n\x14\x43\x41\x43HE_MATCH_SEMANTIC\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x8e\x01\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41\x43HE_MODE_READ_WRITE\x10\x01\x12\x18\n\x14\x43\x41\x43HE_MODE_READ_ONLY\x10\x02\x12\x19\n\x15\x43\x41\x43HE_MODE_WRITE_ONLY\x10\x03\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstrata/common/v1/common.proto\x12\x10strata.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\x98\x01\n\x0b\x43hatMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.strata.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12.\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"S\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .strata.common.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"~\n\x0eResponseFormat\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.strata.common.v1.ResponseFormatType\x12\x13\n\x0bschema_name\x18\x02 \x01(\t\x12\x13\n\x0bjson_schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"P\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\"\xcf\x02\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11max_output_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12%\n\x05tools\x18\x06 \x03(\x0b\x32\x16.strata.common.v1.Tool\x12\x31\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x1c.strata.common.v1.ToolChoice\x12\x39\n\x0fresponse_format\x18\x08 \x01(\x0b\x32 .strata.common.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x14\n\x12_max_output_tokensB\x07\n\x05_seed\"G\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x11\n\testimated\x18\x03 \x01(\x08\"U\n\x04\x43ost\x12\x18\n\x10input_usd_micros\x18\x01 \x01(\x03\x12\x19\n\x11output_usd_micros\x18\x02 \x01(\x03\x12\x18\n\x10total_usd_micros\x18\x03 \x01(\x03\"{\n\x0b\x43\x61\x63hePolicy\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.strata.common.v1.CacheMode\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11semantic_disabled\x18\x03 \x01(\x08*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\x89\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x03\x12\x16\n\x12\x43\x41\x43HE_STATUS_ERROR\x10\x04*Z\n\nCacheMatch\x12\x1b\n\x17\x43\x41\x43HE_MATCH_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_MATCH_EXACT\x10\x01\x12\x18\n\x14\x43\x41\x43HE_MATCH_SEMANTIC\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x8e\x01\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41\x43HE_MODE_READ_WRITE\x10\x01\x12\x18\n\x14\x43\x41\x43HE_MODE_READ_ONLY\x10\x02\x12\x19\n\x15\x43\x41\x43HE_MODE_WRITE_ONLY\x10\x03\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1259
-  _globals['_ROLE']._serialized_end=1354
-  _globals['_TOOLCHOICEMODE']._serialized_start=1357
-  _globals['_TOOLCHOICEMODE']._serialized_end=1523
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1526
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1691
-  _globals['_FINISHREASON']._serialized_start=1694
-  _globals['_FINISHREASON']._serialized_end=1853
-  _globals['_CACHESTATUS']._serialized_start=1856
-  _globals['_CACHESTATUS']._serialized_end=1993
-  _globals['_CACHEMATCH']._serialized_start=1995
-  _globals['_CACHEMATCH']._serialized_end=2085
-  _globals['_PRIORITY']._serialized_start=2087
-  _globals['_PRIORITY']._serialized_end=2169
-  _globals['_CACHEMODE']._serialized_start=2172
-  _globals['_CACHEMODE']._serialized_end=2314
+  _globals['_ROLE']._serialized_start=1286
+  _globals['_ROLE']._serialized_end=1381
+  _globals['_TOOLCHOICEMODE']._serialized_start=1384
+  _globals['_TOOLCHOICEMODE']._serialized_end=1550
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=1553
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=1718
+  _globals['_FINISHREASON']._serialized_start=1721
+  _globals['_FINISHREASON']._serialized_end=1880
+  _globals['_CACHESTATUS']._serialized_start=1883
+  _globals['_CACHESTATUS']._serialized_end=2020
+  _globals['_CACHEMATCH']._serialized_start=2022
+  _globals['_CACHEMATCH']._serialized_end=2112
+  _globals['_PRIORITY']._serialized_start=2114
+  _globals['_PRIORITY']._serialized_end=2196
+  _globals['_CACHEMODE']._serialized_start=2199
+  _globals['_CACHEMODE']._serialized_end=2341
   _globals['_CHATMESSAGE']._serialized_start=84
   _globals['_CHATMESSAGE']._serialized_end=236
   _globals['_TOOL']._serialized_start=238
@@ -67,5 +67,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COST']._serialized_start=1074
   _globals['_COST']._serialized_end=1159
   _globals['_CACHEPOLICY']._serialized_start=1161
-  _globals['_CACHEPOLICY']._serialized_end=1257
+  _globals['_CACHEPOLICY']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

@@ -211,9 +211,11 @@ class Cost(_message.Message):
     def __init__(self, input_usd_micros: _Optional[int] = ..., output_usd_micros: _Optional[int] = ..., total_usd_micros: _Optional[int] = ...) -> None: ...
 
 class CachePolicy(_message.Message):
-    __slots__ = ("mode", "ttl")
+    __slots__ = ("mode", "ttl", "semantic_disabled")
     MODE_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_DISABLED_FIELD_NUMBER: _ClassVar[int]
     mode: CacheMode
     ttl: _duration_pb2.Duration
-    def __init__(self, mode: _Optional[_Union[CacheMode, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    semantic_disabled: bool
+    def __init__(self, mode: _Optional[_Union[CacheMode, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., semantic_disabled: _Optional[bool] = ...) -> None: ...

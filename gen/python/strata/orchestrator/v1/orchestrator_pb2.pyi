@@ -26,7 +26,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "model", "text", "finish_reason", "usage", "cost", "cache_status", "tool_calls")
+    __slots__ = ("request_id", "model", "text", "finish_reason", "usage", "cost", "cache_status", "tool_calls", "cache_match")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class GenerateResponse(_message.Message):
     COST_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     text: str
@@ -43,7 +44,8 @@ class GenerateResponse(_message.Message):
     cost: _common_pb2.Cost
     cache_status: _common_pb2.CacheStatus
     tool_calls: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ...) -> None: ...
+    cache_match: _common_pb2.CacheMatch
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., cache_match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ...) -> None: ...
 
 class StreamGenerateRequest(_message.Message):
     __slots__ = ("model", "messages", "params", "request_id", "cache_policy", "priority", "max_cost_usd_micros")
@@ -66,14 +68,16 @@ class StreamGenerateRequest(_message.Message):
 class StreamGenerateResponse(_message.Message):
     __slots__ = ("start", "delta", "final")
     class Start(_message.Message):
-        __slots__ = ("request_id", "model", "cache_status")
+        __slots__ = ("request_id", "model", "cache_status", "cache_match")
         REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
         MODEL_FIELD_NUMBER: _ClassVar[int]
         CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
+        CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
         request_id: str
         model: str
         cache_status: _common_pb2.CacheStatus
-        def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ...) -> None: ...
+        cache_match: _common_pb2.CacheMatch
+        def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., cache_match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ...) -> None: ...
     class Delta(_message.Message):
         __slots__ = ("text", "tool_calls")
         TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,26 @@
+"""Stopping background tasks for sure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(task: asyncio.Task[object], timeout_s: float = 5.0) -> None:
+    """Cancels a task and waits for it to end, cancelling again if it swallowed a cancel.
+
+    (On Python 3.11 a cancel that lands just as an `asyncio.wait_for` completes can be
+    lost, and a loop that catches its own errors would then run on.)
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.1, max(0.0, deadline - loop.time())))
+        if loop.time() >= deadline:
+            log.warning("task %s did not stop in %.1fs", task.get_name(), timeout_s)
+            return
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("task %s ended with %r", task.get_name(), task.exception())
