@@ -12,7 +12,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN := gen/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack clean
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,6 +71,10 @@ test-grpc: $(INSTALLED) ## Each service through real stubs
 
 test-stack: $(INSTALLED) ## The four services as processes with Redis and an HTTP upstream
 	@$(PY) -m pytest tests/stack
+
+bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and lookup latency
+	@$(PY) -m bench.cache_quality
+	@$(PY) -m bench.cache_latency
 
 clean: ## Remove the virtualenv, local tools and run state
 	rm -rf $(VENV) .tools .run .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from services.common import logs
 from services.common.bootstrap import RunningServer, Service, start
 from services.common.settings import ServiceSettings
 from strata_cli.devstack import PrivateRedis, redis_answers
@@ -41,6 +42,7 @@ def bench_redis() -> Iterator[str]:
 @contextmanager
 def served(settings: _S, build: Callable[[_S], Awaitable[Service]]) -> Iterator[str]:
     """Runs a service (built as in production) on its own event loop thread; yields host:port."""
+    logs.configure("bench", "WARNING")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -251,7 +251,9 @@ class LocalStack:
                     "MODELS_FILE": str(self.models_file),
                 },
             )
-            self._spawn("cache", {"REDIS_URL": self.redis_url})
+            self._spawn(
+                "cache", {"REDIS_URL": self.redis_url, "DATA_DIR": str(self.run_dir / "cache")}
+            )
             self._spawn("executor", {"MODELS_FILE": str(self.models_file)})
             for name in ("control", "cache", "executor"):
                 self.services[name].wait_bound(timeout_s)

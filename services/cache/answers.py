@@ -214,7 +214,7 @@ class AnswerCache:
                 replies: Any = await pipe.execute()
         previous = int(replies[2] or 0)
         with redis_errors():
-            await self._redis.hincrby(sizes, "total", len(body) - previous)  # type: ignore[misc]
+            await self._redis.hincrby(sizes, "total", len(body) - previous)
         self._stats.count(tenant, "stores")
 
         turn = last_user_turn(messages)
@@ -248,7 +248,7 @@ class AnswerCache:
         while True:
             with redis_errors():
                 count = await self._redis.zcard(entries)
-                total = int(await self._redis.hget(sizes, "total") or 0)  # type: ignore[misc]
+                total = int(await self._redis.hget(sizes, "total") or 0)
             over = count - self._policy.max_entries_per_tenant
             if over <= 0 and total <= self._policy.max_bytes_per_tenant:
                 return
@@ -272,7 +272,7 @@ class AnswerCache:
                 replies: Any = await pipe.execute()
         freed = sum(int(size or 0) for size in replies[0])
         with redis_errors():
-            await self._redis.hincrby(sizes, "total", -freed)  # type: ignore[misc]
+            await self._redis.hincrby(sizes, "total", -freed)
         try:
             await self._index.delete(ids=[point_id(tenant, d) for d in digests])
         except (OSError, RuntimeError, ValueError) as err:

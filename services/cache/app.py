@@ -43,7 +43,10 @@ async def _index(settings: CacheSettings, dimensions: int) -> VectorIndex:
         if not settings.qdrant_url:
             raise ConfigError("the qdrant vector backend needs QDRANT_URL")
         key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        index = QdrantIndex(dimensions, url=settings.qdrant_url, api_key=key)
+        if settings.qdrant_url == ":memory:":  # qdrant-client's local mode (tests, demos)
+            index = QdrantIndex(dimensions, location=":memory:")
+        else:
+            index = QdrantIndex(dimensions, url=settings.qdrant_url, api_key=key)
         await index.start()
         return index
     settings.data_dir.mkdir(parents=True, exist_ok=True)

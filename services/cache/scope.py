@@ -35,9 +35,9 @@ def _optional(message: common_pb2.GenerationParams, field: str) -> object:
 
 def _params(params: common_pb2.GenerationParams, *, exact: bool) -> dict[str, object]:
     fmt = params.response_format
-    temperature = _optional(params, "temperature")
+    temperature: object = _optional(params, "temperature")
     if not exact:
-        temperature = round(float(temperature if temperature is not None else -1), 1)
+        temperature = round(params.temperature, 1) if params.HasField("temperature") else None
     return {
         "temperature": temperature,
         "top_p": _optional(params, "top_p"),

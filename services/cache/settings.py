@@ -28,7 +28,7 @@ class CacheSettings(ServiceSettings):
     """Longest lifetime a request may ask for."""
     semantic_enabled: bool = True
     """Reuse answers by meaning (off: exact reuse only)."""
-    min_similarity: float = Field(default=0.87, ge=0, le=1)
+    min_similarity: float = Field(default=0.83, ge=0, le=1)
     """Least cosine similarity of two questions for a semantic hit, unless the request's
     route sets its own (see `bench/cache_quality.py` and `strata cache tune`)."""
     max_semantic_temperature: float = 1.0
@@ -55,7 +55,8 @@ class CacheSettings(ServiceSettings):
     qdrant_url: str | None = Field(
         default=None, validation_alias=AliasChoices("STRATA_CACHE_QDRANT_URL", "QDRANT_URL")
     )
-    """URL of the Qdrant server, for the `qdrant` backend (or QDRANT_URL)."""
+    """URL of the Qdrant server, for the `qdrant` backend (or QDRANT_URL); `:memory:` runs
+    qdrant-client's local mode in-process (tests and demos: slow past a few thousand points)."""
     qdrant_api_key: SecretStr | None = None
     """API key of the Qdrant server."""
     max_entries_per_tenant: int = Field(default=100_000, ge=1)

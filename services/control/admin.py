@@ -115,7 +115,7 @@ class Admin:
         names = TenantKeys(request.tenant_id)
         with redis_errors():
             # Claims the id atomically: of concurrent creates of one id, one wins.
-            if not await self._redis.hsetnx(f"{names.base}:keys", key_id, "{}"):  # type: ignore[misc]
+            if not await self._redis.hsetnx(f"{names.base}:keys", key_id, "{}"):
                 raise RequestInvalid.field("key_id", f"{key_id!r} exists in the tenant")
             profile: Any = await self._redis.hget(names.policy, "tenant:profile")
         key, digest = new_key()

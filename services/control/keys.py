@@ -349,7 +349,7 @@ async def seed(client: redis.Redis, store: KeyStore, tenants: TenantsFile) -> No
         for key in tenant.keys:
             # A key revoked at run time stays revoked: the file cannot bring it back.
             with redis_errors():
-                state = await client.hget(record_key(key.sha256), "state")  # type: ignore[misc]
+                state = await client.hget(record_key(key.sha256), "state")
             await store.put(
                 key.sha256,
                 tenant_id,

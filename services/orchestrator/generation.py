@@ -248,9 +248,10 @@ class Generator:
         if writes and cached is None:
             finishing.append(self._store(call, tally))
         await asyncio.gather(*finishing)
-        if found is not None and found.match == common_pb2.CACHE_MATCH_SEMANTIC:
-            if self._audit_rate and random.random() < self._audit_rate:
-                self._in_background(self._audit(call, found.entry_id))
+        semantic = found is not None and found.match == common_pb2.CACHE_MATCH_SEMANTIC
+        if semantic and self._audit_rate and random.random() < self._audit_rate:
+            assert found is not None
+            self._in_background(self._audit(call, found.entry_id))
 
     async def _admit_and_lookup(
         self,

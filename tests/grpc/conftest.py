@@ -88,8 +88,13 @@ async def control(
 
 
 @pytest.fixture
-async def cache(redis_db: redis.Redis, redis_url: str) -> AsyncIterator[Served]:
-    settings = CacheSettings(redis_url=redis_url, **LOCAL)
+async def cache(redis_db: redis.Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[Served]:
+    settings = CacheSettings(
+        redis_url=redis_url,
+        data_dir=tmp_path / "cache",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        **LOCAL,
+    )
     served = await serve(settings, await build_cache(settings), cache_pb2_grpc.CacheServiceStub)
     yield served
     await shutdown(served)

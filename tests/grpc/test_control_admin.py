@@ -202,9 +202,8 @@ async def test_create_is_idempotent_by_request_id(admin: Any, redis_db: redis.Re
     # A repeat gets the same key record, but never the clear key again: it is not stored.
     assert first.api_key
     assert all(r.key == first.key and not r.api_key for r in repeats)
-    stored = b"".join(
-        v for k in redis_db.scan_iter("strata:admin:request:*") if (v := redis_db.get(k))
-    )
+    kept: list[Any] = [redis_db.get(k) for k in redis_db.scan_iter("strata:admin:request:*")]
+    stored = b"".join(v for v in kept if v)
     assert first.api_key.encode() not in stored
     listed = await admin.ListApiKeys(
         admin_pb2.ListApiKeysRequest(tenant_id="initech"), metadata=AUTH

@@ -360,7 +360,8 @@ async def test_a_secret_in_a_streamed_answer_cuts_the_stream(
     async with asyncio.timeout(5):
         while not redis_db.xlen("strata:{t:watched}:guardrails"):
             await asyncio.sleep(0.01)
-    [(_, event)] = redis_db.xrange("strata:{t:watched}:guardrails")
+    events: Any = redis_db.xrange("strata:{t:watched}:guardrails")
+    [(_, event)] = events
     assert (event[b"phase"], event[b"rule"]) == (b"output", b"secret.aws_access_key")
 
 
@@ -416,3 +417,23 @@ async def test_a_cost_ceiling_below_every_candidate_is_refused(
 ) -> None:
     error = await failure(orchestrator, test_keys.acme, ask(model="up-ok", max_cost_usd_micros=1))
     assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "COST_CEILING_EXCEEDED")
+
+
+async def test_a_paraphrase_streams_back_from_the_cache_by_meaning(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    params = {"temperature": 0}
+    first = await stream(
+        orchestrator, test_keys.acme, ask("How do I reset my password?", params=params)
+    )
+    again = await stream(
+        orchestrator, test_keys.acme, ask("How can I reset my password?", params=params)
+    )
+    assert first[0].start.cache_status == MISS
+    start = again[0].start
+    assert (start.cache_status, start.cache_match) == (HIT, common_pb2.CACHE_MATCH_SEMANTIC)
+    assert text_of(again) == text_of(first)
+    assert len([c for c in again if c.HasField("delta")]) > 1  # streamed like a live answer
+    opted_out = ask("How could I reset my password?", params=params)
+    opted_out.cache_policy.semantic_disabled = True
+    assert (await stream(orchestrator, test_keys.acme, opted_out))[0].start.cache_status == MISS
