@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 POINT_NAMESPACE = uuid.UUID("6b7e6f2a-2f6e-4d58-9a77-5b6c0f4a1c10")
 VECTOR_MEMO = 10_000
+MAX_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +179,15 @@ class AnswerCache:
         vector = self._vectors.get(text)
         if vector is None:
             [vector] = await self._embedder.embed([text])
-            self._vectors[text] = vector
-            if len(self._vectors) > VECTOR_MEMO:
-                self._vectors.popitem(last=False)
+            self._remember(text, vector)
         else:
             self._vectors.move_to_end(text)
         return vector
+
+    def _remember(self, text: str, vector: list[float]) -> None:
+        self._vectors[text] = vector
+        if len(self._vectors) > VECTOR_MEMO:
+            self._vectors.popitem(last=False)
 
     # --- store -----------------------------------------------------------------------
 
@@ -241,6 +245,23 @@ class AnswerCache:
                 log.warning("vector index store failed (%s); exact reuse only", err)
         await self._enforce_caps(tenant)
         return digest
+
+    async def store_batch(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
+        """Stores many answers; their questions are embedded in batches first."""
+        if not 1 <= len(requests) <= MAX_BATCH:
+            raise RequestInvalid.field("entries", f"1 to {MAX_BATCH} entries")
+        for request in requests:
+            check_scope(request.scope, request.messages)
+        queries = []
+        for request in requests:
+            turn = last_user_turn(request.messages)
+            if turn is not None:
+                queries.append(guards.normalize(request.messages[turn].content))
+        missing = [q for q in dict.fromkeys(queries) if q not in self._vectors]
+        if missing:
+            for query, vector in zip(missing, await self._embedder.embed(missing), strict=True):
+                self._remember(query, vector)
+        return [await self.store(request) for request in requests]
 
     async def _enforce_caps(self, tenant: str) -> None:
         """Evicts the tenant's oldest entries while it is over its entry or byte cap."""

@@ -31,6 +31,14 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         return cache_pb2.StoreResponse(entry_id=await self._cache.store(request))
 
     @unary_handler
+    async def StoreBatch(
+        self, request: cache_pb2.StoreBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> cache_pb2.StoreBatchResponse:
+        return cache_pb2.StoreBatchResponse(
+            entry_ids=await self._cache.store_batch(request.entries)
+        )
+
+    @unary_handler
     async def Audit(
         self, request: cache_pb2.AuditRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.AuditResponse:

@@ -245,3 +245,21 @@ async def test_audit_compares_a_fresh_answer(semantic_cache: Served, admin: Any)
     assert same.similarity > other.similarity
     stats = await admin.GetStats(cache_pb2.GetStatsRequest(tenant_id="acme"), metadata=AUTH)
     assert (stats.audits, stats.audit_disagreements) == (2, 1)
+
+
+async def test_a_batch_store_embeds_once_and_stores_every_entry(semantic_cache: Served) -> None:
+    questions = [QUESTION, "What are your opening hours?", "Where is my parcel?"]
+    reply = await semantic_cache.stub.StoreBatch(
+        cache_pb2.StoreBatchRequest(
+            entries=[
+                cache_pb2.StoreRequest(scope=scope(), messages=[user(q)], answer=answer(q))
+                for q in questions
+            ]
+        )
+    )
+    assert len(reply.entry_ids) == 3
+    found = await lookup(semantic_cache.stub, scope(), [user(PARAPHRASE)])
+    assert (found.match, found.answer.text) == (SEMANTIC, QUESTION)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await semantic_cache.stub.StoreBatch(cache_pb2.StoreBatchRequest())
+    assert rich_error(caught.value).field_violations == ["entries"]

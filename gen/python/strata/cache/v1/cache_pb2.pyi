@@ -99,6 +99,18 @@ class StoreResponse(_message.Message):
     entry_id: str
     def __init__(self, entry_id: _Optional[str] = ...) -> None: ...
 
+class StoreBatchRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[StoreRequest]
+    def __init__(self, entries: _Optional[_Iterable[_Union[StoreRequest, _Mapping]]] = ...) -> None: ...
+
+class StoreBatchResponse(_message.Message):
+    __slots__ = ("entry_ids",)
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    entry_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ("tenant_id", "entry_id", "answer_text")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -47,6 +47,11 @@ class CacheServiceStub:
                 request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
                 response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.StoreBatch = channel.unary_unary(
+                '/strata.cache.v1.CacheService/StoreBatch',
+                request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchRequest.SerializeToString,
+                response_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/strata.cache.v1.CacheService/Audit',
                 request_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.AuditRequest.SerializeToString,
@@ -74,6 +79,13 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreBatch(self, request, context):
+        """Stores many answers at once; their questions are embedded in batches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Compares a fresh answer with a stored one (audit of semantic hits) and counts the result.
         """
@@ -93,6 +105,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.FromString,
                     response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.SerializeToString,
+            ),
+            'StoreBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreBatch,
+                    request_deserializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchRequest.FromString,
+                    response_serializer=strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -157,6 +174,33 @@ class CacheService:
             '/strata.cache.v1.CacheService/Store',
             strata_dot_cache_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
             strata_dot_cache_dot_v1_dot_cache__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.cache.v1.CacheService/StoreBatch',
+            strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchRequest.SerializeToString,
+            strata_dot_cache_dot_v1_dot_cache__pb2.StoreBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
