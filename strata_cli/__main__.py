@@ -4,6 +4,7 @@
     strata keys create --tenant acme       print a new API key and the hash to configure
     strata admin ...                       keys, budgets, limits, usage, breakers (see --help)
     strata cache ...                       tune the semantic threshold, stats, invalidate
+    strata eval ROUTE FILE                 score a route's candidate models on labelled cases
     strata dev                             run the four services locally (what `make run` does)
     strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
 
@@ -20,34 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from strata_cli import admin, cache
+from strata_cli import admin, cache, evaluate
+from strata_cli.errors import describe_error
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-
-
-def describe_error(err: grpc.RpcError) -> str:
-    """`CODE REASON: message` for an error from a Strata service."""
-    code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
-    reason, extra = "", ""
-    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-                if info.metadata:
-                    extra = (
-                        " (" + ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items())) + ")"
-                    )
-    message = err.details() if isinstance(err, grpc.Call) else str(err)
-    return f"{code} {reason}: {message}{extra}".replace("  ", " ")
 
 
 def stream_chat(
@@ -189,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
 
     admin.add_parser(commands)
     cache.add_parser(commands)
+    evaluate.add_parser(commands)
 
     dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
     dev.add_argument("--run-dir", default=".run")

@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from strata.control.v1 import admin_pb2, admin_pb2_grpc
+from strata_cli.errors import describe_error
 
 PERIODS = {
     "day": admin_pb2.PERIOD_DAY,
@@ -223,7 +224,6 @@ def _breakers(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, 
 
 def run(args: argparse.Namespace) -> int:
     """Runs one admin command; non-zero with the gRPC code and reason on failure."""
-    from strata_cli.__main__ import describe_error
 
     metadata = (("authorization", f"Bearer {args.token}"),)
     with grpc.insecure_channel(args.address) as channel:

@@ -26,6 +26,7 @@ from google.protobuf import json_format
 
 from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 from strata_cli.cache_eval import best_threshold, load_pairs, report, run_pairs
+from strata_cli.errors import describe_error
 
 
 def add_parser(commands: Any) -> None:
@@ -110,7 +111,6 @@ def _invalidate(channel: grpc.Channel, args: argparse.Namespace, metadata: Any) 
 
 def run(args: argparse.Namespace) -> int:
     """Runs one cache command; non-zero with the gRPC code and reason on failure."""
-    from strata_cli.__main__ import describe_error
 
     metadata = (("authorization", f"Bearer {args.token}"),)
     with grpc.insecure_channel(args.address) as channel:

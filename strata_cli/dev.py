@@ -19,8 +19,9 @@ from pathlib import Path
 import grpc
 
 from services.control.keys import new_key
-from strata_cli.__main__ import describe_error, stream_chat
+from strata_cli.__main__ import stream_chat
 from strata_cli.devstack import DEFAULT_PORTS, LocalStack, PrivateRedis, StackError, redis_answers
+from strata_cli.errors import describe_error
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -61,7 +62,16 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
     if not token_file.exists():
         token_file.write_text(secrets.token_hex(24) + "\n")
         token_file.chmod(0o600)
-    admin_env = {"STRATA_CONTROL_ADMIN_TOKEN": token_file.read_text().strip()}
+    config = models_file.resolve().parent
+    admin_env = {
+        "STRATA_CONTROL_ADMIN_TOKEN": token_file.read_text().strip(),
+        # The example routes and pipelines beside the models file, unless set already.
+        **{
+            f"STRATA_ORCHESTRATOR_{name}": str(config / file)
+            for name, file in (("ROUTES_FILE", "routes.yaml"), ("PIPELINES_FILE", "pipelines.yaml"))
+            if (config / file).exists() and f"STRATA_ORCHESTRATOR_{name}" not in os.environ
+        },
+    }
     stack = LocalStack(
         run_dir, models_file.resolve(), tenants.resolve(), redis_url, ports, env=admin_env
     )

@@ -8,6 +8,7 @@ Readiness is the gRPC health check, never a sleep.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -251,8 +252,16 @@ class LocalStack:
                     "MODELS_FILE": str(self.models_file),
                 },
             )
+            # The orchestrator drops cached answers of updated documents through the cache's
+            # admin API: the two share a token made for this stack.
+            cache_admin_token = secrets.token_urlsafe(24)
             self._spawn(
-                "cache", {"REDIS_URL": self.redis_url, "DATA_DIR": str(self.run_dir / "cache")}
+                "cache",
+                {
+                    "REDIS_URL": self.redis_url,
+                    "DATA_DIR": str(self.run_dir / "cache"),
+                    "ADMIN_TOKEN": cache_admin_token,
+                },
             )
             self._spawn("executor", {"MODELS_FILE": str(self.models_file)})
             for name in ("control", "cache", "executor"):
@@ -264,6 +273,9 @@ class LocalStack:
                     "CACHE_ADDRESS": self.services["cache"].address,
                     "EXECUTOR_ADDRESS": self.services["executor"].address,
                     "MODELS_FILE": str(self.models_file),
+                    "REDIS_URL": self.redis_url,
+                    "DATA_DIR": str(self.run_dir / "orchestrator"),
+                    "CACHE_ADMIN_TOKEN": cache_admin_token,
                 },
             )
             orchestrator.wait_bound(timeout_s)

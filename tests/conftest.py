@@ -93,7 +93,7 @@ def keys_and_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[ApiKeys, Pa
                     entry("acme-off", "disabled", disabled=True),
                 ],
             },
-            "globex": {"keys": [entry("globex-main", "globex")]},
+            "globex": {"tier": "free", "keys": [entry("globex-main", "globex")]},
             "watched": {
                 "guardrail_profile": "watch-output",
                 "keys": [entry("watched-main", "watched")],
@@ -160,7 +160,10 @@ FAST_RETRY = {"max_attempts": 3, "base_delay_s": 0.02, "max_delay_s": 0.1}
 
 @pytest.fixture(scope="session")
 def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -> Path:
-    """config/models.yaml plus `up-*` aliases served by the fake upstream."""
+    """config/models.yaml plus `up-*` aliases served by the fake upstream (`up-slow-start`:
+    2 s to its first chunk, within its timeout), `mock-down` (fails, falls back to
+    mock-fast) and two echo models whose prices cross (`mock-dear-prompt`,
+    `mock-dear-answer`)."""
     catalog = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())
     catalog["providers"]["fake"] = {
         "kind": "openai_compatible",
@@ -185,12 +188,29 @@ def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) 
         "timeouts": {"first_token_s": 10.0},
         "hedge_after_s": 0.2,
     }
+    catalog["models"]["up-slow-start"] = {
+        **catalog["models"]["up-slow-first"],
+        "timeouts": {"first_token_s": 5.0},
+    }
     catalog["models"]["mock-down"] = {
         "provider": "mock",
         "upstream_model": "error",
         "fallbacks": ["mock-fast"],
         "retry": {"max_attempts": 1},
     }
+    # Prices that cross: the first is cheaper for short prompts, the second for long ones.
+    for alias, price_in, price_out in (
+        ("mock-dear-prompt", "10", "0.1"),
+        ("mock-dear-answer", "0.1", "10"),
+    ):
+        catalog["models"][alias] = {
+            "provider": "mock",
+            "upstream_model": "echo",
+            "input_usd_per_million_tokens": price_in,
+            "output_usd_per_million_tokens": price_out,
+            "max_output_tokens": 1024,
+            "context_window": 32_000,
+        }
     path = tmp_path_factory.mktemp("config") / "models.yaml"
     path.write_text(yaml.safe_dump(catalog))
     return path

@@ -32,7 +32,6 @@ from typing import Any
 import redis.asyncio as redis
 
 from services.cache import guards
-from services.cache.embeddings import Embedder
 from services.cache.scope import (
     check_scope,
     entry_id,
@@ -43,6 +42,7 @@ from services.cache.scope import (
 )
 from services.cache.stats import CacheStats
 from services.cache.vectors import Entry, VectorIndex
+from services.common.embeddings import Embedder
 from services.common.errors import FieldViolation, RequestInvalid
 from services.common.redis_state import redis_errors
 from strata.cache.v1 import cache_pb2
@@ -117,11 +117,12 @@ class AnswerCache:
                 match=common_pb2.CACHE_MATCH_EXACT,
                 answer=cache_pb2.CachedAnswer.FromString(stored),
                 entry_id=digest,
+                exact_key=digest,
             )
         turn = last_user_turn(messages)
         if turn is None or not self._semantic_applies(scope):
             self._stats.count(tenant, "misses")
-            return cache_pb2.LookupResponse()
+            return cache_pb2.LookupResponse(exact_key=digest)
         try:
             async with asyncio.timeout(self._policy.semantic_timeout_s):
                 found = await self._semantic(scope, messages, turn)
@@ -132,6 +133,7 @@ class AnswerCache:
             tenant,
             "semantic_hits" if found.match == common_pb2.CACHE_MATCH_SEMANTIC else "misses",
         )
+        found.exact_key = digest
         return found
 
     def _semantic_applies(self, scope: cache_pb2.CacheScope) -> bool:

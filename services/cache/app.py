@@ -8,13 +8,13 @@ import contextlib
 import grpc
 
 from services.cache.answers import AnswerCache, CachePolicy
-from services.cache.embeddings import Embedder, LocalEmbedder
 from services.cache.executor_embeddings import ExecutorEmbedder
 from services.cache.servicer import CacheAdminServicer, CacheServicer
 from services.cache.settings import CacheSettings
 from services.cache.stats import CacheStats
 from services.cache.vectors import EdgeIndex, QdrantIndex, VectorIndex
 from services.common.bootstrap import Service
+from services.common.embeddings import Embedder, LocalEmbedder
 from services.common.redis_state import connect
 from services.common.settings import ConfigError
 from services.common.tasks import cancel_and_wait

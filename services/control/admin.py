@@ -117,7 +117,8 @@ class Admin:
             # Claims the id atomically: of concurrent creates of one id, one wins.
             if not await self._redis.hsetnx(f"{names.base}:keys", key_id, "{}"):
                 raise RequestInvalid.field("key_id", f"{key_id!r} exists in the tenant")
-            profile: Any = await self._redis.hget(names.policy, "tenant:profile")
+            stored: Any = await self._redis.hmget(names.policy, ["tenant:profile", "tenant:tier"])
+        profile, tier = (value.decode() if value else "" for value in stored)
         key, digest = new_key()
         created = time.time()
         await self._keys.put(
@@ -125,10 +126,11 @@ class Admin:
             request.tenant_id,
             key_id,
             request.team_id,
-            profile.decode() if profile else "",
+            profile,
             active=True,
             prefix=key[:14],
             created=created,
+            tier=tier,
         )
         return admin_pb2.CreateApiKeyResponse(
             api_key=key,

@@ -195,9 +195,15 @@ class AdmissionControl:
 
     # --- admission -------------------------------------------------------------------
 
+    async def authenticate(self, api_key: str, api_key_sha256: str = "") -> KeyRecord:
+        """The key's record (by the key, or its hash); API_KEY_INVALID when unknown or revoked."""
+        if api_key_sha256 and not api_key:
+            return await self._keys.authenticate_hash(api_key_sha256)
+        return await self._keys.authenticate(api_key)
+
     async def admit(self, request: control_pb2.AdmitRequest) -> Admission:
         """Authenticates, checks guardrails, plans, enforces limits and budgets, reserves."""
-        key = await self._keys.authenticate(request.api_key)
+        key = await self.authenticate(request.api_key, request.api_key_sha256)
         _check_admit(request)
         candidates = self._candidates(request)
         profile = request.guardrail_profile or key.profile

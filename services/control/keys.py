@@ -99,6 +99,7 @@ class KeyRecord:
     team_id: str
     profile: str
     active: bool
+    tier: str = ""
 
 
 # --- the tenants file -----------------------------------------------------------------
@@ -170,6 +171,8 @@ class TenantConfig(_Config):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     guardrail_profile: str = ""
+    tier: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,32}$")
+    """A label for routes' rules (e.g. free, pro)."""
     teams: dict[str, TeamConfig] = Field(default_factory=dict)
     keys: list[KeyConfig] = Field(default_factory=list)
 
@@ -232,7 +235,12 @@ class KeyStore:
         """The record of a presented key; ApiKeyInvalid when unknown, revoked or malformed."""
         if not presented.startswith(KEY_PREFIX):
             raise ApiKeyInvalid("API key is missing or malformed")
-        digest = hash_key(presented)
+        return await self.authenticate_hash(hash_key(presented))
+
+    async def authenticate_hash(self, digest: str) -> KeyRecord:
+        """The record of a key given by its SHA-256 (work queued earlier by that key)."""
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ApiKeyInvalid("API key hash is malformed")
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
@@ -258,6 +266,7 @@ class KeyStore:
             team_id=fields.get("team", ""),
             profile=fields.get("profile") or self._default_profile,
             active=fields.get("state") == "active",
+            tier=fields.get("tier", ""),
         )
 
     async def put(
@@ -270,6 +279,7 @@ class KeyStore:
         active: bool,
         prefix: str = "",
         created: float | None = None,
+        tier: str = "",
     ) -> None:
         """Writes a key's record and index entry, and tells every replica."""
         created = time.time() if created is None else created
@@ -281,6 +291,7 @@ class KeyStore:
                     "key_id": key_id,
                     "team": team_id,
                     "profile": profile,
+                    "tier": tier,
                     "state": "active" if active else "revoked",
                 },
             )
@@ -346,6 +357,8 @@ async def seed(client: redis.Redis, store: KeyStore, tenants: TenantsFile) -> No
                 await client.hset(
                     f"{tenant_tag(tenant_id)}:policy", "tenant:profile", tenant.guardrail_profile
                 )
+            if tenant.tier:
+                await client.hset(f"{tenant_tag(tenant_id)}:policy", "tenant:tier", tenant.tier)
         for key in tenant.keys:
             # A key revoked at run time stays revoked: the file cannot bring it back.
             with redis_errors():
@@ -357,4 +370,5 @@ async def seed(client: redis.Redis, store: KeyStore, tenants: TenantsFile) -> No
                 key.team,
                 tenant.guardrail_profile,
                 active=not key.disabled and state != b"revoked",
+                tier=tenant.tier,
             )

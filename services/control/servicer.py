@@ -54,6 +54,17 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             redacted_text=verdict.redacted[0] if verdict.redacted and not verdict.blocked else "",
         )
 
+    @unary_handler
+    async def Authenticate(
+        self,
+        request: control_pb2.AuthenticateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> control_pb2.AuthenticateResponse:
+        key = await self._admission.authenticate(request.api_key, request.api_key_sha256)
+        return control_pb2.AuthenticateResponse(
+            tenant_id=key.tenant_id, key_id=key.key_id, team_id=key.team_id, tier=key.tier
+        )
+
 
 class ControlAdminServicer(admin_pb2_grpc.ControlAdminServiceServicer):
     """Implements strata.control.v1.ControlAdminService (admin token required)."""

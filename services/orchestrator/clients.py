@@ -7,7 +7,8 @@ failure becomes the StrataError to raise, with the downstream reason unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -21,6 +22,10 @@ from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 _Resp = TypeVar("_Resp")
 
 AUDIT_TIMEOUT_S = 10.0
+ADMIN_TIMEOUT_S = 10.0
+HASHED = "sha256:"
+"""A credential of the form `sha256:<hex>` names a key by its hash: async jobs run on behalf
+of the key that queued them without holding it. The public edge refuses this form."""
 SETTLE_ATTEMPTS = 3
 """Settle is idempotent by request id, so an UNAVAILABLE answer is safely tried again."""
 
@@ -45,12 +50,28 @@ class ControlClient:
     async def admit(
         self, request: control_pb2.AdmitRequest, deadline: Deadline
     ) -> control_pb2.AdmitResponse:
+        if request.api_key.startswith(HASHED):
+            request.api_key_sha256 = request.api_key.removeprefix(HASHED)
+            request.api_key = ""
         return await _unary(
             "control",
             self._stub.Admit(
                 request,
                 timeout=deadline.cap(self._admit_timeout_s),
                 metadata=request_metadata(request.request_id),
+            ),
+        )
+
+    async def authenticate(
+        self, api_key: str, deadline: Deadline
+    ) -> control_pb2.AuthenticateResponse:
+        return await _unary(
+            "control",
+            self._stub.Authenticate(
+                control_pb2.AuthenticateRequest(api_key=api_key)
+                if not api_key.startswith(HASHED)
+                else control_pb2.AuthenticateRequest(api_key_sha256=api_key.removeprefix(HASHED)),
+                timeout=deadline.cap(self._admit_timeout_s),
             ),
         )
 
@@ -72,9 +93,27 @@ class ControlClient:
 class CacheClient:
     """Lookups and stores, each bounded by the cache timeout."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout_s: float, admin_token: str | None = None
+    ) -> None:
         self._stub = cache_pb2_grpc.CacheServiceStub(channel)
+        self._admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
+        self._admin_metadata = (("authorization", f"Bearer {admin_token or ''}"),)
         self._timeout_s = timeout_s
+
+    async def forget_documents(self, tenant_id: str, document_ids: Sequence[str]) -> None:
+        """Drops the cached answers grounded on these documents (any version)."""
+        for document_id in document_ids:
+            await _unary(
+                "cache",
+                self._admin.Invalidate(
+                    cache_pb2.InvalidateRequest(
+                        request_id=uuid.uuid4().hex, tenant_id=tenant_id, document_id=document_id
+                    ),
+                    timeout=ADMIN_TIMEOUT_S,
+                    metadata=self._admin_metadata,
+                ),
+            )
 
     async def lookup(
         self, request: cache_pb2.LookupRequest, deadline: Deadline, request_id: str

@@ -1,8 +1,9 @@
 """One generate request, from validation to settlement.
 
-    validate ──► Admit (control) ─┬─► hit:  replay the cached answer
-                 Lookup (cache) ──┘   miss: walk the plan: StreamComplete (executor) per
-                                            candidate until one answers ──► Store, Settle
+    [request id: claim it, or replay / wait for its first call]
+    prepare (route, retrieval, template) ──► Admit (control) ─┬─► hit:  replay the answer
+                                             Lookup (cache) ──┘   miss: single flight, then
+        walk the plan: StreamComplete (executor) per candidate until one answers ──► Store, Settle
 
 Admission and the cache lookup run side by side: the lookup's scope needs the tenant, so it
 uses the tenant this process last saw for the key and is thrown away (and done again) when
@@ -27,18 +28,16 @@ import logging
 import math
 import random
 import time
-import uuid
-from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2
 
 from services.common.calls import Deadline
-from services.common.catalog import Catalog, ModelConfig
+from services.common.catalog import Catalog
 from services.common.chat import assemble_tool_calls, tool_call_pieces
 from services.common.errors import (
-    FieldViolation,
     GuardrailBlocked,
     RequestInvalid,
     StrataError,
@@ -46,8 +45,12 @@ from services.common.errors import (
 )
 from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.logs import bind_request_id
-from services.common.validation import check_generation, check_request_id, estimate_input_tokens
+from services.common.tasks import cancel_and_wait
+from services.common.validation import check_request_id
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
+from services.orchestrator.idempotency import IdempotencyStore, SingleFlight, body_hash
+from services.orchestrator.preparation import Prepared, Preparer
+from services.orchestrator.routes import LatencyTracker
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
@@ -62,17 +65,9 @@ AUDIT_DEADLINE_S = 120.0
 REPLAY_CHUNK_CHARS = 64
 """A cached answer streams back in pieces of this many characters, like a live one."""
 TENANT_MEMO_SIZE = 10_000
+TENANT_MEMO_S = 10.0
+"""How long a key's tenant is remembered (a revoked key is still refused by Admit)."""
 
-_READS = {
-    common_pb2.CACHE_MODE_UNSPECIFIED,
-    common_pb2.CACHE_MODE_READ_WRITE,
-    common_pb2.CACHE_MODE_READ_ONLY,
-}
-_WRITES = {
-    common_pb2.CACHE_MODE_UNSPECIFIED,
-    common_pb2.CACHE_MODE_READ_WRITE,
-    common_pb2.CACHE_MODE_WRITE_ONLY,
-}
 _STORABLE = {
     common_pb2.FINISH_REASON_STOP,
     common_pb2.FINISH_REASON_LENGTH,
@@ -108,6 +103,7 @@ class Started:
     model: str
     cache_status: common_pb2.CacheStatus
     cache_match: common_pb2.CacheMatch = common_pb2.CACHE_MATCH_UNSPECIFIED
+    prompt: orchestrator_pb2.PromptInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,23 +121,99 @@ class Finished:
     usage: common_pb2.Usage
     cost: common_pb2.Cost
     cache_status: common_pb2.CacheStatus
+    citations: Sequence[orchestrator_pb2.Citation] = ()
 
 
 Event = Started | str | ToolPieces | Finished
 """A generation streams Started, then text pieces (str) and ToolPieces, then Finished."""
 
 
+class Answer:
+    """Collects a generation's events into one GenerateResponse (unary calls, replays)."""
+
+    def __init__(self) -> None:
+        self.response = orchestrator_pb2.GenerateResponse()
+        self._text: list[str] = []
+        self._pieces: list[common_pb2.ToolCallDelta] = []
+
+    def add(self, event: Event) -> None:
+        """Takes the next event."""
+        response = self.response
+        if isinstance(event, str):
+            self._text.append(event)
+        elif isinstance(event, ToolPieces):
+            self._pieces.extend(event.pieces)
+        elif isinstance(event, Started):
+            response.request_id = event.request_id
+            response.model = event.model
+            response.cache_match = event.cache_match
+            if event.prompt is not None:
+                response.prompt.CopyFrom(event.prompt)
+        else:
+            response.finish_reason = event.finish_reason
+            response.usage.CopyFrom(event.usage)
+            response.cost.CopyFrom(event.cost)
+            response.cache_status = event.cache_status
+            response.citations.extend(event.citations)
+
+    def build(self) -> orchestrator_pb2.GenerateResponse:
+        """The whole answer."""
+        self.response.text = "".join(self._text)
+        del self.response.tool_calls[:]
+        self.response.tool_calls.extend(assemble_tool_calls(self._pieces))
+        return self.response
+
+
+def replay(response: orchestrator_pb2.GenerateResponse) -> list[Event]:
+    """A stored answer as the events of a live one."""
+    events: list[Event] = [
+        Started(
+            response.request_id,
+            response.model,
+            response.cache_status,
+            response.cache_match,
+            response.prompt,
+        )
+    ]
+    events += [
+        response.text[i : i + REPLAY_CHUNK_CHARS]
+        for i in range(0, len(response.text), REPLAY_CHUNK_CHARS)
+    ]
+    if response.tool_calls:
+        events.append(ToolPieces(tool_call_pieces(response.tool_calls)))
+    events.append(
+        Finished(
+            response.finish_reason,
+            response.usage,
+            response.cost,
+            response.cache_status,
+            list(response.citations),
+        )
+    )
+    return events
+
+
 @dataclass(slots=True)
 class _Call:
-    """What every step of one request needs."""
+    """What every step of one request needs: the prepared request and its admission."""
 
-    request_id: str
-    request: GenerateRequest
+    prepared: Prepared
+    admission: control_pb2.AdmitResponse
     messages: Sequence[common_pb2.ChatMessage]
     """The conversation as the model sees it (redacted by the input guardrails if need be)."""
-    admission: control_pb2.AdmitResponse
-    deadline: Deadline
     stream: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request_id
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.prepared.request
+
+    @property
+    def deadline(self) -> Deadline:
+        return self.prepared.deadline
 
 
 @dataclass(slots=True)
@@ -162,6 +234,16 @@ class _Tally:
     findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What this process remembers of a key."""
+
+    tenant_id: str
+    tier: str | None
+    """None: not asked yet (admission tells the tenant, not the tier)."""
+    until: float
+
+
 class Generator:
     """Runs generate requests across control, cache and executor."""
 
@@ -172,69 +254,127 @@ class Generator:
         control: ControlClient,
         cache: CacheClient,
         executor: ExecutorClient,
+        preparer: Preparer,
+        idempotency: IdempotencyStore,
+        flight: SingleFlight,
+        latencies: LatencyTracker,
         audit_rate: float = 0.0,
     ) -> None:
         self._catalog = catalog
-        self._audit_rate = audit_rate
         self._guardrails = guardrails
         self._control = control
         self._cache = cache
         self._executor = executor
-        self._tenant_of_key: dict[bytes, str] = {}
+        self._preparer = preparer
+        self._idempotency = idempotency
+        self._flight = flight
+        self._latencies = latencies
+        self._audit_rate = audit_rate
+        self._tenant_of_key: dict[bytes, _Known] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
     ) -> AsyncGenerator[Event, None]:
         """Events of one request; raises StrataError with the reason when it fails."""
-        config, max_output = check_generation(
-            self._catalog, request.model, request.messages, request.params
-        )
-        violations = []
-        if request.request_id and (violation := check_request_id(request.request_id)):
-            violations.append(violation)
-        if request.priority not in common_pb2.Priority.values():
-            violations.append(FieldViolation("priority", "must be a known priority"))
-        if request.HasField("max_cost_usd_micros") and request.max_cost_usd_micros <= 0:
-            violations.append(FieldViolation("max_cost_usd_micros", "must be greater than 0"))
-        if violations:
-            raise RequestInvalid(violations)
-        estimated_input = estimate_input_tokens(request.messages)
-        if estimated_input + max_output > config.context_window:
-            raise RequestInvalid.field(
-                "messages",
-                f"about {estimated_input} prompt tokens plus {max_output} output tokens exceed "
-                f"the {config.context_window}-token context window of {config.name!r}",
-                reason="PROMPT_TOO_LARGE",
-            )
-        request_id = request.request_id or uuid.uuid4().hex
-        bind_request_id(request_id)
-        mode = request.cache_policy.mode
-        reads, writes = mode in _READS, mode in _WRITES
-
-        call, found, cache_status = await self._admit_and_lookup(
-            request, request_id, api_key, estimated_input, max_output, deadline, reads, stream
-        )
-        cached = found.answer if found is not None else None
-        tally = _Tally(cache_status=cache_status)
+        if not request.request_id:
+            async with aclosing(self._generate(request, api_key, deadline, stream)) as events:
+                async for event in events:
+                    yield event
+            return
+        if violation := check_request_id(request.request_id):
+            raise RequestInvalid([violation])
+        bind_request_id(request.request_id)
+        tenant = await self.tenant_of(api_key, deadline)
+        digest = body_hash(request)
+        first = await self._idempotency.claim(tenant, request.request_id, digest, deadline)
+        if isinstance(first, orchestrator_pb2.GenerateResponse):
+            for event in replay(first):
+                yield event
+            return
+        answer = Answer()
+        keeper = asyncio.create_task(self._idempotency.keep(tenant, request.request_id, first))
         try:
-            if found is not None and cached is not None:
+            async with aclosing(self._generate(request, api_key, deadline, stream)) as events:
+                async for event in events:
+                    answer.add(event)
+                    yield event
+        except BaseException:
+            self._in_background(self._idempotency.release(tenant, request.request_id, first))
+            raise
+        finally:
+            await cancel_and_wait(keeper)
+        await self._idempotency.complete(tenant, request.request_id, digest, answer.build())
+
+    async def tenant_of(self, api_key: str, deadline: Deadline) -> str:
+        """The key's tenant: remembered for a few seconds, else asked of control."""
+        fingerprint = hashlib.sha256(api_key.encode()).digest()
+        known = self._tenant_of_key.get(fingerprint)
+        if known is not None and known.until > time.monotonic():
+            return known.tenant_id
+        return (await self._identify(fingerprint, api_key, deadline)).tenant_id
+
+    async def tier_of(self, api_key: str, deadline: Deadline) -> str:
+        """The tier of the key's tenant, remembered like the tenant."""
+        fingerprint = hashlib.sha256(api_key.encode()).digest()
+        known = self._tenant_of_key.get(fingerprint)
+        if known is not None and known.tier is not None and known.until > time.monotonic():
+            return known.tier
+        return (await self._identify(fingerprint, api_key, deadline)).tier or ""
+
+    async def _identify(self, fingerprint: bytes, api_key: str, deadline: Deadline) -> _Known:
+        who = await self._control.authenticate(api_key, deadline)
+        return self._remember_tenant(fingerprint, who.tenant_id, who.tier)
+
+    def _remember_tenant(self, fingerprint: bytes, tenant_id: str, tier: str | None) -> _Known:
+        if len(self._tenant_of_key) >= TENANT_MEMO_SIZE:
+            self._tenant_of_key.clear()
+        old = self._tenant_of_key.get(fingerprint)
+        if tier is None and old is not None and old.tenant_id == tenant_id:
+            tier = old.tier
+        known = _Known(tenant_id, tier, time.monotonic() + TENANT_MEMO_S)
+        self._tenant_of_key[fingerprint] = known
+        return known
+
+    async def _generate(
+        self, request: GenerateRequest, api_key: str, deadline: Deadline, stream: bool
+    ) -> AsyncGenerator[Event, None]:
+        prepared = await self._preparer.prepare(
+            request,
+            deadline,
+            lambda: self.tenant_of(api_key, deadline),
+            lambda: self.tier_of(api_key, deadline),
+        )
+        bind_request_id(prepared.request_id)
+        call, found, cache_status = await self._admit_and_lookup(prepared, api_key, stream)
+        tally = _Tally(cache_status=cache_status)
+        config = prepared.config
+        hit = found if found is not None and found.match else None
+        try:
+            if hit is not None:
                 tally.model = config.name
                 tally.usage, tally.cost = common_pb2.Usage(), common_pb2.Cost()
-                yield Started(request_id, config.name, cache_status, found.match)
-                for i in range(0, len(cached.text), REPLAY_CHUNK_CHARS):
-                    yield cached.text[i : i + REPLAY_CHUNK_CHARS]
-                if cached.tool_calls:
-                    yield ToolPieces(tool_call_pieces(cached.tool_calls))
-                yield Finished(cached.finish_reason, cached.usage, common_pb2.Cost(), cache_status)
+                for event in self._replay_hit(call, hit, cache_status):
+                    yield event
             else:
-                async with aclosing(self._run_plan(call, tally)) as events:
-                    async for event in events:
-                        yield event
+                async with self._single_flight(call, found) as again:
+                    if again is not None:
+                        # An identical request just finished: its answer is in the cache.
+                        hit, tally.cache_status = again, common_pb2.CACHE_STATUS_HIT
+                        tally.model = config.name
+                        tally.usage, tally.cost = common_pb2.Usage(), common_pb2.Cost()
+                        for event in self._replay_hit(call, again, tally.cache_status):
+                            yield event
+                    else:
+                        async with aclosing(self._run_plan(call, tally)) as events:
+                            async for event in events:
+                                yield event
+                        if prepared.writes:
+                            await self._store(call, tally)
             tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
             tally.outcome = control_pb2.OUTCOME_CANCELLED
-            self._in_background(self._settle(call, tally, config, estimated_input))
+            self._in_background(self._settle(call, tally))
             raise
         except Exception as err:
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
@@ -242,97 +382,125 @@ class Generator:
                 tally.usage = usage_of_interruption(err.metadata)
                 model = self._catalog.get(tally.model) or config
                 tally.cost = model.cost(tally.usage) if tally.usage else None
-            self._in_background(self._settle(call, tally, config, estimated_input))
+            self._in_background(self._settle(call, tally))
             raise
-        finishing = [self._settle(call, tally, config, estimated_input)]
-        if writes and cached is None:
-            finishing.append(self._store(call, tally))
-        await asyncio.gather(*finishing)
-        semantic = found is not None and found.match == common_pb2.CACHE_MATCH_SEMANTIC
+        await self._settle(call, tally)
+        semantic = hit is not None and hit.match == common_pb2.CACHE_MATCH_SEMANTIC
         if semantic and self._audit_rate and random.random() < self._audit_rate:
-            assert found is not None
-            self._in_background(self._audit(call, found.entry_id))
+            assert hit is not None
+            self._in_background(self._audit(call, hit.entry_id))
+
+    def _replay_hit(
+        self, call: _Call, found: cache_pb2.LookupResponse, status: common_pb2.CacheStatus
+    ) -> list[Event]:
+        cached = found.answer
+        prepared = call.prepared
+        return replay(
+            orchestrator_pb2.GenerateResponse(
+                request_id=call.request_id,
+                model=prepared.config.name,
+                text=cached.text,
+                finish_reason=cached.finish_reason,
+                usage=cached.usage,
+                cost=common_pb2.Cost(),
+                cache_status=status,
+                tool_calls=cached.tool_calls,
+                cache_match=found.match,
+                citations=prepared.citations,
+                prompt=prepared.prompt,
+            )
+        )
+
+    @asynccontextmanager
+    async def _single_flight(
+        self, call: _Call, found: cache_pb2.LookupResponse | None
+    ) -> AsyncIterator[cache_pb2.LookupResponse | None]:
+        """Runs the body once per identical cacheable request at a time (across replicas).
+
+        Yields None when this call must answer (it leads, or nothing to share); or the
+        cache's answer, stored by the identical request this one waited for."""
+        prepared = call.prepared
+        if found is None or not found.exact_key or not (prepared.reads and prepared.writes):
+            yield None
+            return
+        async with self._flight.leader(
+            call.admission.tenant_id, found.exact_key, call.deadline
+        ) as leads:
+            if leads:
+                yield None
+                return
+            again, status = await self._lookup(prepared, call.messages, call.admission.tenant_id)
+            yield again if again is not None and status == common_pb2.CACHE_STATUS_HIT else None
 
     async def _admit_and_lookup(
-        self,
-        request: GenerateRequest,
-        request_id: str,
-        api_key: str,
-        estimated_input: int,
-        max_output: int,
-        deadline: Deadline,
-        reads: bool,
-        stream: bool,
+        self, prepared: Prepared, api_key: str, stream: bool
     ) -> tuple[_Call, cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
         fingerprint = hashlib.sha256(api_key.encode()).digest()
-        predicted = self._tenant_of_key.get(fingerprint) if reads else None
+        known = self._tenant_of_key.get(fingerprint) if prepared.reads else None
+        predicted = known.tenant_id if known is not None else None
         early = (
-            asyncio.create_task(
-                self._lookup(request, request.messages, predicted, request_id, deadline)
-            )
+            asyncio.create_task(self._lookup(prepared, prepared.messages, predicted))
             if predicted
             else None
         )
         admit = control_pb2.AdmitRequest(
-            request_id=request_id,
+            request_id=prepared.request_id,
             api_key=api_key,
-            model=request.model,
-            estimated_input_tokens=estimated_input,
-            max_output_tokens=max_output,
-            priority=request.priority,
-            messages=request.messages,
+            model=prepared.model,
+            estimated_input_tokens=prepared.estimated_input,
+            max_output_tokens=prepared.max_output,
+            priority=prepared.request.priority,
+            messages=prepared.messages,
+            candidates=prepared.candidates,
+            guardrail_profile=prepared.guardrail_profile,
         )
-        if request.HasField("max_cost_usd_micros"):
-            admit.max_cost_usd_micros = request.max_cost_usd_micros
+        if prepared.max_cost_usd_micros is not None:
+            admit.max_cost_usd_micros = prepared.max_cost_usd_micros
         try:
-            admission = await self._control.admit(admit, deadline)
+            admission = await self._control.admit(admit, prepared.deadline)
         except BaseException:
             if early is not None:
                 early.cancel()
             raise
-        if len(self._tenant_of_key) >= TENANT_MEMO_SIZE:
-            self._tenant_of_key.clear()
-        self._tenant_of_key[fingerprint] = admission.tenant_id
-        messages = admission.redacted_messages or request.messages
-        call = _Call(request_id, request, messages, admission, deadline, stream)
-        if not reads:
+        self._remember_tenant(fingerprint, admission.tenant_id, None)
+        messages = admission.redacted_messages or prepared.messages
+        call = _Call(prepared, admission, messages, stream)
+        if not prepared.reads:
+            if early is not None:
+                early.cancel()
             return call, None, common_pb2.CACHE_STATUS_BYPASS
         if early is None or predicted != admission.tenant_id or admission.redacted_messages:
             if early is not None:
                 early.cancel()
-            early = asyncio.create_task(
-                self._lookup(request, messages, admission.tenant_id, request_id, deadline)
-            )
-        answer, status = await early
-        return call, answer, status
+            early = asyncio.create_task(self._lookup(prepared, messages, admission.tenant_id))
+        found, status = await early
+        return call, found, status
 
     async def _lookup(
         self,
-        request: GenerateRequest,
+        prepared: Prepared,
         messages: Sequence[common_pb2.ChatMessage],
         tenant_id: str,
-        request_id: str,
-        deadline: Deadline,
     ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
-        """The cache's answer and the cache status; a failing cache counts as a miss."""
+        """The cache's reply and the cache status; a failing cache counts as a miss."""
         try:
             found = await self._cache.lookup(
                 cache_pb2.LookupRequest(
-                    scope=_scope(tenant_id, request.model, request), messages=messages
+                    scope=_scope(tenant_id, prepared.model, prepared), messages=messages
                 ),
-                deadline,
-                request_id,
+                prepared.deadline,
+                prepared.request_id,
             )
         except StrataError as err:
             log.warning("cache lookup failed (%s); treating it as a miss", err.reason)
             return None, common_pb2.CACHE_STATUS_ERROR
         if found.match == common_pb2.CACHE_MATCH_UNSPECIFIED:
-            return None, common_pb2.CACHE_STATUS_MISS
+            return found, common_pb2.CACHE_STATUS_MISS
         return found, common_pb2.CACHE_STATUS_HIT
 
     async def _run_plan(self, call: _Call, tally: _Tally) -> AsyncGenerator[Event, None]:
         """Tries the plan's candidates in order until one answers."""
-        plan = [c.model for c in call.admission.plan] or [call.request.model]
+        plan = [c.model for c in call.admission.plan] or [call.prepared.model]
         for index, model in enumerate(plan):
             started = time.monotonic()
             attempt = control_pb2.Attempt(model=model)
@@ -359,8 +527,11 @@ class Generator:
                     "model %s failed (%s); falling back to %s", model, err.reason, plan[index + 1]
                 )
             finally:
-                attempt.latency.CopyFrom(_duration(time.monotonic() - started))
+                elapsed = time.monotonic() - started
+                attempt.latency.CopyFrom(_duration(elapsed))
                 tally.attempts.append(attempt)
+                if attempt.success:
+                    self._latencies.observe(model, elapsed)
 
     async def _stream(self, call: _Call, model: str, tally: _Tally) -> AsyncGenerator[Event, None]:
         """One candidate's streamed answer, watched by the output guardrails."""
@@ -394,7 +565,12 @@ class Generator:
                 elif kind == "start":
                     tally.accepted = True
                     tally.model = chunk.start.model
-                    yield Started(call.request_id, chunk.start.model, tally.cache_status)
+                    yield Started(
+                        call.request_id,
+                        chunk.start.model,
+                        tally.cache_status,
+                        prompt=call.prepared.prompt,
+                    )
                 elif kind == "final":
                     final = chunk.final
                     tally.usage, tally.cost = final.usage, final.cost
@@ -402,7 +578,13 @@ class Generator:
                     # Rules that only flag or redact leave the (already sent) stream alone.
                     verdict = self._guardrails.check_output("".join(tally.text), profile)
                     tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
-                    yield Finished(final.finish_reason, final.usage, final.cost, tally.cache_status)
+                    yield Finished(
+                        final.finish_reason,
+                        final.usage,
+                        final.cost,
+                        tally.cache_status,
+                        call.prepared.citations,
+                    )
                     return
         raise StreamInterrupted("the executor's stream ended before its final chunk")
 
@@ -430,17 +612,24 @@ class Generator:
         text = _redacted_output(verdict, answer.text)
         tally.text.append(text)
         tally.tool_pieces = tool_call_pieces(answer.tool_calls)
-        yield Started(call.request_id, answer.model, tally.cache_status)
+        prompt = call.prepared.prompt
+        yield Started(call.request_id, answer.model, tally.cache_status, prompt=prompt)
         yield text
         if tally.tool_pieces:
             yield ToolPieces(tally.tool_pieces)
-        yield Finished(answer.finish_reason, answer.usage, answer.cost, tally.cache_status)
+        yield Finished(
+            answer.finish_reason,
+            answer.usage,
+            answer.cost,
+            tally.cache_status,
+            call.prepared.citations,
+        )
 
     async def _store(self, call: _Call, tally: _Tally) -> None:
         if tally.finish_reason not in _STORABLE or tally.usage is None:
             return
         store = cache_pb2.StoreRequest(
-            scope=_scope(call.admission.tenant_id, tally.model, call.request),
+            scope=_scope(call.admission.tenant_id, tally.model, call.prepared),
             messages=call.messages,
             answer=cache_pb2.CachedAnswer(
                 text="".join(tally.text),
@@ -450,21 +639,20 @@ class Generator:
                 tool_calls=assemble_tool_calls(tally.tool_pieces),
             ),
         )
-        if call.request.cache_policy.HasField("ttl"):
-            store.ttl.CopyFrom(call.request.cache_policy.ttl)
+        if call.prepared.ttl is not None:
+            store.ttl.CopyFrom(call.prepared.ttl)
         try:
             await self._cache.store(store)
         except StrataError as err:
             log.warning("cache store failed (%s)", err.reason)
 
-    async def _settle(
-        self, call: _Call, tally: _Tally, config: ModelConfig, estimated_input: int
-    ) -> None:
+    async def _settle(self, call: _Call, tally: _Tally) -> None:
         usage, cost = tally.usage, tally.cost
+        config = call.prepared.config
         if usage is None:
             # No final chunk: charge what the provider has likely billed so far.
             usage = common_pb2.Usage(
-                input_tokens=estimated_input if tally.accepted else 0,
+                input_tokens=call.prepared.estimated_input if tally.accepted else 0,
                 output_tokens=math.ceil(tally.output_bytes / 4),
                 estimated=True,
             )
@@ -495,7 +683,7 @@ class Generator:
             answer = await self._executor.complete(
                 executor_pb2.CompleteRequest(
                     request_id=call.request_id,
-                    model=call.request.model,
+                    model=call.prepared.model,
                     messages=call.messages,
                     params=call.request.params,
                 ),
@@ -547,10 +735,11 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def _scope(tenant_id: str, model: str, request: GenerateRequest) -> cache_pb2.CacheScope:
+def _scope(tenant_id: str, model: str, prepared: Prepared) -> cache_pb2.CacheScope:
     return cache_pb2.CacheScope(
         tenant_id=tenant_id,
         model=model,
-        params=request.params,
-        semantic=cache_pb2.SemanticPolicy(disabled=request.cache_policy.semantic_disabled),
+        params=prepared.request.params,
+        documents=prepared.documents,
+        semantic=prepared.semantic,
     )

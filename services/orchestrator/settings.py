@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -25,6 +26,41 @@ class OrchestratorSettings(ServiceSettings):
     """Required. host:port of the executor service."""
     models_file: Path
     """Required. YAML file of providers and models (the same file the executor reads)."""
+    redis_url: str = Field(
+        validation_alias=AliasChoices("STRATA_ORCHESTRATOR_REDIS_URL", "REDIS_URL")
+    )
+    """Required. Redis holding idempotency keys, single flights and jobs (or REDIS_URL)."""
+    redis_timeout_s: float = 0.25
+    """Longest a single Redis command may take."""
+    routes_file: Path | None = None
+    """YAML file of routes (reloaded when it changes); unset: requests name models only."""
+    templates_dir: Path | None = Path(__file__).resolve().parents[2] / "config" / "templates"
+    """Directory of prompt template files (plus runtime versions in Redis)."""
+    pipelines_file: Path | None = None
+    """YAML file of pipelines; unset: no pipelines."""
+    knowledge_enabled: bool = True
+    """Serve KnowledgeService and retrieval (loads the embedding model)."""
+    vector_backend: Literal["edge", "qdrant"] = "edge"
+    """Knowledge collections: `edge` (Qdrant's engine in-process, under data_dir) or `qdrant`."""
+    data_dir: Path = Path("data/orchestrator")
+    """Where the embedded knowledge index lives."""
+    qdrant_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRATA_ORCHESTRATOR_QDRANT_URL", "QDRANT_URL"),
+    )
+    """URL of the Qdrant server for the `qdrant` backend (or QDRANT_URL); `:memory:` runs
+    qdrant-client's local mode."""
+    cache_admin_token: SecretStr | None = None
+    """The cache's admin token: updating a document drops the cached answers that used it."""
+    role: Literal["all", "api", "worker"] = "all"
+    """`all`: the API and job workers; `api`: the API only; `worker`: job workers only (the
+    process serves just its health check)."""
+    job_concurrency: int = Field(default=4, ge=1)
+    """Jobs run at once by this process."""
+    job_claim_idle_s: float = Field(default=30.0, gt=0)
+    """A job whose worker has not been heard from for this long is taken over by another."""
+    job_result_ttl_s: int = Field(default=86400, ge=1)
+    """How long a finished job (and its result) is kept."""
     guardrails_file: Path = Path(__file__).resolve().parents[2] / "config" / "guardrails.yaml"
     """YAML file of guardrail profiles, for the output checks (the same file control reads)."""
     cache_audit_rate: float = Field(default=0.0, ge=0, le=1)

@@ -110,23 +110,56 @@ async def executor(models_file: Path) -> AsyncIterator[Served]:
     await shutdown(served)
 
 
+StartOrchestrator = Callable[..., Awaitable[Served]]
+"""Starts an orchestrator on the test services: `await start_orchestrator(**settings)`."""
+
+
 @pytest.fixture
-async def orchestrator(
-    control: Served, cache: Served, executor: Served, models_file: Path, guardrails_file: Path
-) -> AsyncIterator[Served]:
-    settings = OrchestratorSettings(
-        control_address=control.address,
-        cache_address=cache.address,
-        executor_address=executor.address,
-        models_file=models_file,
-        guardrails_file=guardrails_file,
-        **LOCAL,
-    )
-    served = await serve(
-        settings, await build_orchestrator(settings), orchestrator_pb2_grpc.OrchestratorServiceStub
-    )
-    yield served
-    await shutdown(served)
+async def start_orchestrator(
+    control: Served,
+    cache: Served,
+    executor: Served,
+    models_file: Path,
+    guardrails_file: Path,
+    redis_url: str,
+    tmp_path: Path,
+) -> AsyncIterator[StartOrchestrator]:
+    """A factory of orchestrators on the test control, cache and executor (stopped at the
+    end of the test): the `orchestrator` fixture's settings unless overridden, e.g.
+    `routes_file=..., pipelines_file=..., role="api"`."""
+    started: list[Served] = []
+
+    async def start_one(**overrides: Any) -> Served:
+        options: dict[str, Any] = {
+            "control_address": control.address,
+            "cache_address": cache.address,
+            "executor_address": executor.address,
+            "models_file": models_file,
+            "guardrails_file": guardrails_file,
+            "redis_url": redis_url,
+            "data_dir": tmp_path / f"orchestrator-{len(started)}",
+            "cache_admin_token": ADMIN_TOKEN,
+            **LOCAL,
+            **overrides,
+        }
+        settings = OrchestratorSettings(**options)
+        served = await serve(
+            settings,
+            await build_orchestrator(settings),
+            orchestrator_pb2_grpc.OrchestratorServiceStub,
+        )
+        started.append(served)
+        return served
+
+    yield start_one
+    for served in reversed(started):
+        await shutdown(served)
+
+
+@pytest.fixture
+async def orchestrator(start_orchestrator: StartOrchestrator) -> Served:
+    """An orchestrator with the default settings (no routes, no pipelines)."""
+    return await start_orchestrator()
 
 
 StartControl = Callable[..., Awaitable[Served]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from typing import Any
 
@@ -50,6 +51,23 @@ async def test_admit_names_the_tenant_and_key_and_plans_the_model(
     assert (reply.tenant_id, reply.key_id) == ("acme", "acme-main")
     assert [c.model for c in reply.plan] == ["mock-small"]
     assert reply.reserved_tokens == 30
+
+
+async def test_authenticate_names_tenant_key_and_tier_by_key_or_hash(
+    control: Served, test_keys: ApiKeys
+) -> None:
+    acme = await control.stub.Authenticate(control_pb2.AuthenticateRequest(api_key=test_keys.acme))
+    assert (acme.tenant_id, acme.key_id, acme.tier) == ("acme", "acme-main", "")
+    digest = hashlib.sha256(test_keys.globex.encode()).hexdigest()
+    globex = await control.stub.Authenticate(control_pb2.AuthenticateRequest(api_key_sha256=digest))
+    assert (globex.tenant_id, globex.key_id, globex.tier) == ("globex", "globex-main", "free")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.Authenticate(
+            control_pb2.AuthenticateRequest(
+                api_key_sha256=hashlib.sha256(test_keys.disabled.encode()).hexdigest()
+            )
+        )
+    assert rich_error(caught.value).reason == "API_KEY_INVALID"
 
 
 @pytest.mark.parametrize("which", ["unknown", "disabled", "malformed"])

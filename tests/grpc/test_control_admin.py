@@ -181,6 +181,15 @@ async def test_a_created_key_is_usable_at_once(
         assert created.api_key.encode() not in str(state_snapshot(redis_db)[key]).encode(), key
 
 
+async def test_a_created_key_carries_its_tenants_tier(admin: Any, admin_control: Served) -> None:
+    created = await create_key(admin, "globex", "globex-2")
+
+    who = await admin_control.stub.Authenticate(
+        control_pb2.AuthenticateRequest(api_key=created.api_key)
+    )
+    assert (who.tenant_id, who.key_id, who.tier) == ("globex", "globex-2", "free")
+
+
 async def test_a_created_key_gets_an_id_when_none_is_given(
     admin: Any, admin_control: Served
 ) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.cache.embeddings import (
+from services.common.embeddings import (
     DIMENSIONS,
     MODEL_SHA256,
     TOKENIZER_SHA256,

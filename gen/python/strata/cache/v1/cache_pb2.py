@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstrata/cache/v1/cache.proto\x12\x0fstrata.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dstrata/common/v1/common.proto\"*\n\x0b\x44ocumentRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"Z\n\x0eSemanticPolicy\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x16\n\x0emin_similarity\x18\x02 \x01(\x01\x12\x1e\n\x16\x61llow_high_temperature\x18\x03 \x01(\x08\"\xc6\x01\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12/\n\tdocuments\x18\x04 \x03(\x0b\x32\x1c.strata.cache.v1.DocumentRef\x12\x31\n\x08semantic\x18\x05 \x01(\x0b\x32\x1f.strata.cache.v1.SemanticPolicy\"\xf0\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"l\n\rLookupRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\"\xa7\x01\n\x0eLookupResponse\x12+\n\x05match\x18\x01 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12-\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x13\n\x0brejected_by\x18\x04 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x05 \x01(\t\"\xc2\x01\n\x0cStoreRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12-\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\"C\n\x11StoreBatchRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.strata.cache.v1.StoreRequest\"\'\n\x12StoreBatchResponse\x12\x11\n\tentry_ids\x18\x01 \x03(\t\"H\n\x0c\x41uditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61nswer_text\x18\x03 \x01(\t\"3\n\rAuditResponse\x12\x0e\n\x06\x61greed\x18\x01 \x01(\x08\x12\x12\n\nsimilarity\x18\x02 \x01(\x01\"\x9b\x01\n\x11InvalidateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nolder_than\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64ocument_id\x18\x05 \x01(\t\x12\x0b\n\x03\x61ll\x18\x06 \x01(\x08\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"$\n\x0fGetStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xa5\x02\n\x10GetStatsResponse\x12\x12\n\nexact_hits\x18\x01 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x02 \x01(\x03\x12\x0e\n\x06misses\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12P\n\x10guard_rejections\x18\x06 \x03(\x0b\x32\x36.strata.cache.v1.GetStatsResponse.GuardRejectionsEntry\x12\x0e\n\x06\x61udits\x18\x07 \x01(\x03\x12\x1b\n\x13\x61udit_disagreements\x18\x08 \x01(\x03\x1a\x36\n\x14GuardRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc0\x02\n\x0c\x43\x61\x63heService\x12I\n\x06Lookup\x12\x1e.strata.cache.v1.LookupRequest\x1a\x1f.strata.cache.v1.LookupResponse\x12\x46\n\x05Store\x12\x1d.strata.cache.v1.StoreRequest\x1a\x1e.strata.cache.v1.StoreResponse\x12U\n\nStoreBatch\x12\".strata.cache.v1.StoreBatchRequest\x1a#.strata.cache.v1.StoreBatchResponse\x12\x46\n\x05\x41udit\x12\x1d.strata.cache.v1.AuditRequest\x1a\x1e.strata.cache.v1.AuditResponse2\xbb\x01\n\x11\x43\x61\x63heAdminService\x12U\n\nInvalidate\x12\".strata.cache.v1.InvalidateRequest\x1a#.strata.cache.v1.InvalidateResponse\x12O\n\x08GetStats\x12 .strata.cache.v1.GetStatsRequest\x1a!.strata.cache.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstrata/cache/v1/cache.proto\x12\x0fstrata.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dstrata/common/v1/common.proto\"*\n\x0b\x44ocumentRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"Z\n\x0eSemanticPolicy\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x16\n\x0emin_similarity\x18\x02 \x01(\x01\x12\x1e\n\x16\x61llow_high_temperature\x18\x03 \x01(\x08\"\xc6\x01\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12/\n\tdocuments\x18\x04 \x03(\x0b\x32\x1c.strata.cache.v1.DocumentRef\x12\x31\n\x08semantic\x18\x05 \x01(\x0b\x32\x1f.strata.cache.v1.SemanticPolicy\"\xf0\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\"l\n\rLookupRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\"\xba\x01\n\x0eLookupResponse\x12+\n\x05match\x18\x01 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12-\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x13\n\x0brejected_by\x18\x04 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x05 \x01(\t\x12\x11\n\texact_key\x18\x06 \x01(\t\"\xc2\x01\n\x0cStoreRequest\x12*\n\x05scope\x18\x01 \x01(\x0b\x32\x1b.strata.cache.v1.CacheScope\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12-\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.strata.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\"C\n\x11StoreBatchRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.strata.cache.v1.StoreRequest\"\'\n\x12StoreBatchResponse\x12\x11\n\tentry_ids\x18\x01 \x03(\t\"H\n\x0c\x41uditRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61nswer_text\x18\x03 \x01(\t\"3\n\rAuditResponse\x12\x0e\n\x06\x61greed\x18\x01 \x01(\x08\x12\x12\n\nsimilarity\x18\x02 \x01(\x01\"\x9b\x01\n\x11InvalidateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nolder_than\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64ocument_id\x18\x05 \x01(\t\x12\x0b\n\x03\x61ll\x18\x06 \x01(\x08\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"$\n\x0fGetStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xa5\x02\n\x10GetStatsResponse\x12\x12\n\nexact_hits\x18\x01 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x02 \x01(\x03\x12\x0e\n\x06misses\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12P\n\x10guard_rejections\x18\x06 \x03(\x0b\x32\x36.strata.cache.v1.GetStatsResponse.GuardRejectionsEntry\x12\x0e\n\x06\x61udits\x18\x07 \x01(\x03\x12\x1b\n\x13\x61udit_disagreements\x18\x08 \x01(\x03\x1a\x36\n\x14GuardRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc0\x02\n\x0c\x43\x61\x63heService\x12I\n\x06Lookup\x12\x1e.strata.cache.v1.LookupRequest\x1a\x1f.strata.cache.v1.LookupResponse\x12\x46\n\x05Store\x12\x1d.strata.cache.v1.StoreRequest\x1a\x1e.strata.cache.v1.StoreResponse\x12U\n\nStoreBatch\x12\".strata.cache.v1.StoreBatchRequest\x1a#.strata.cache.v1.StoreBatchResponse\x12\x46\n\x05\x41udit\x12\x1d.strata.cache.v1.AuditRequest\x1a\x1e.strata.cache.v1.AuditResponse2\xbb\x01\n\x11\x43\x61\x63heAdminService\x12U\n\nInvalidate\x12\".strata.cache.v1.InvalidateRequest\x1a#.strata.cache.v1.InvalidateResponse\x12O\n\x08GetStats\x12 .strata.cache.v1.GetStatsRequest\x1a!.strata.cache.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_start=724
   _globals['_LOOKUPREQUEST']._serialized_end=832
   _globals['_LOOKUPRESPONSE']._serialized_start=835
-  _globals['_LOOKUPRESPONSE']._serialized_end=1002
-  _globals['_STOREREQUEST']._serialized_start=1005
-  _globals['_STOREREQUEST']._serialized_end=1199
-  _globals['_STORERESPONSE']._serialized_start=1201
-  _globals['_STORERESPONSE']._serialized_end=1234
-  _globals['_STOREBATCHREQUEST']._serialized_start=1236
-  _globals['_STOREBATCHREQUEST']._serialized_end=1303
-  _globals['_STOREBATCHRESPONSE']._serialized_start=1305
-  _globals['_STOREBATCHRESPONSE']._serialized_end=1344
-  _globals['_AUDITREQUEST']._serialized_start=1346
-  _globals['_AUDITREQUEST']._serialized_end=1418
-  _globals['_AUDITRESPONSE']._serialized_start=1420
-  _globals['_AUDITRESPONSE']._serialized_end=1471
-  _globals['_INVALIDATEREQUEST']._serialized_start=1474
-  _globals['_INVALIDATEREQUEST']._serialized_end=1629
-  _globals['_INVALIDATERESPONSE']._serialized_start=1631
-  _globals['_INVALIDATERESPONSE']._serialized_end=1668
-  _globals['_GETSTATSREQUEST']._serialized_start=1670
-  _globals['_GETSTATSREQUEST']._serialized_end=1706
-  _globals['_GETSTATSRESPONSE']._serialized_start=1709
-  _globals['_GETSTATSRESPONSE']._serialized_end=2002
-  _globals['_GETSTATSRESPONSE_GUARDREJECTIONSENTRY']._serialized_start=1948
-  _globals['_GETSTATSRESPONSE_GUARDREJECTIONSENTRY']._serialized_end=2002
-  _globals['_CACHESERVICE']._serialized_start=2005
-  _globals['_CACHESERVICE']._serialized_end=2325
-  _globals['_CACHEADMINSERVICE']._serialized_start=2328
-  _globals['_CACHEADMINSERVICE']._serialized_end=2515
+  _globals['_LOOKUPRESPONSE']._serialized_end=1021
+  _globals['_STOREREQUEST']._serialized_start=1024
+  _globals['_STOREREQUEST']._serialized_end=1218
+  _globals['_STORERESPONSE']._serialized_start=1220
+  _globals['_STORERESPONSE']._serialized_end=1253
+  _globals['_STOREBATCHREQUEST']._serialized_start=1255
+  _globals['_STOREBATCHREQUEST']._serialized_end=1322
+  _globals['_STOREBATCHRESPONSE']._serialized_start=1324
+  _globals['_STOREBATCHRESPONSE']._serialized_end=1363
+  _globals['_AUDITREQUEST']._serialized_start=1365
+  _globals['_AUDITREQUEST']._serialized_end=1437
+  _globals['_AUDITRESPONSE']._serialized_start=1439
+  _globals['_AUDITRESPONSE']._serialized_end=1490
+  _globals['_INVALIDATEREQUEST']._serialized_start=1493
+  _globals['_INVALIDATEREQUEST']._serialized_end=1648
+  _globals['_INVALIDATERESPONSE']._serialized_start=1650
+  _globals['_INVALIDATERESPONSE']._serialized_end=1687
+  _globals['_GETSTATSREQUEST']._serialized_start=1689
+  _globals['_GETSTATSREQUEST']._serialized_end=1725
+  _globals['_GETSTATSRESPONSE']._serialized_start=1728
+  _globals['_GETSTATSRESPONSE']._serialized_end=2021
+  _globals['_GETSTATSRESPONSE_GUARDREJECTIONSENTRY']._serialized_start=1967
+  _globals['_GETSTATSRESPONSE_GUARDREJECTIONSENTRY']._serialized_end=2021
+  _globals['_CACHESERVICE']._serialized_start=2024
+  _globals['_CACHESERVICE']._serialized_end=2344
+  _globals['_CACHEADMINSERVICE']._serialized_start=2347
+  _globals['_CACHEADMINSERVICE']._serialized_end=2534
 # @@protoc_insertion_point(module_scope)

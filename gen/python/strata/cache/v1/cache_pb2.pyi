@@ -68,18 +68,20 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("match", "answer", "similarity", "rejected_by", "entry_id")
+    __slots__ = ("match", "answer", "similarity", "rejected_by", "entry_id", "exact_key")
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    EXACT_KEY_FIELD_NUMBER: _ClassVar[int]
     match: _common_pb2.CacheMatch
     answer: CachedAnswer
     similarity: float
     rejected_by: str
     entry_id: str
-    def __init__(self, match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., rejected_by: _Optional[str] = ..., entry_id: _Optional[str] = ...) -> None: ...
+    exact_key: str
+    def __init__(self, match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., rejected_by: _Optional[str] = ..., entry_id: _Optional[str] = ..., exact_key: _Optional[str] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("scope", "messages", "answer", "ttl")

@@ -26,35 +26,39 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstrata/control/v1/control.proto\x12\x11strata.control.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dstrata/common/v1/common.proto\"\xc5\x02\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x04 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x03\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\ncandidates\x18\x08 \x03(\t\x12/\n\x08messages\x18\t \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x19\n\x11guardrail_profile\x18\n \x01(\tB\x16\n\x14_max_cost_usd_micros\"-\n\rPlanCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x01(\x08\"k\n\x10GuardrailFinding\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x32\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\".strata.control.v1.GuardrailAction\x12\x15\n\rmessage_index\x18\x03 \x01(\x05\"\xbf\x02\n\rAdmitResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12.\n\x04plan\x18\x03 \x03(\x0b\x32 .strata.control.v1.PlanCandidate\x12\x17\n\x0freserved_tokens\x18\x04 \x01(\x03\x12\x1b\n\x13reserved_usd_micros\x18\x05 \x01(\x03\x12\x0f\n\x07team_id\x18\x06 \x01(\t\x12?\n\x12guardrail_findings\x18\x07 \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\x12\x38\n\x11redacted_messages\x18\x08 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x19\n\x11guardrail_profile\x18\t \x01(\t\"\x85\x03\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12+\n\x07outcome\x18\x04 \x01(\x0e\x32\x1a.strata.control.v1.Outcome\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x08 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x0f\n\x07team_id\x18\t \x01(\t\x12,\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x1a.strata.control.v1.Attempt\x12?\n\x12guardrail_findings\x18\x0b \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\"\x93\x01\n\x07\x41ttempt\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\"d\n\x12\x43heckOutputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11guardrail_profile\x18\x04 \x01(\t\"t\n\x13\x43heckOutputResponse\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x35\n\x08\x66indings\x18\x02 \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\x12\x15\n\rredacted_text\x18\x03 \x01(\t\"!\n\x0eSettleResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08*\x87\x01\n\x0fGuardrailAction\x12 \n\x1cGUARDRAIL_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16GUARDRAIL_ACTION_BLOCK\x10\x01\x12\x1b\n\x17GUARDRAIL_ACTION_REDACT\x10\x02\x12\x19\n\x15GUARDRAIL_ACTION_FLAG\x10\x03*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03\x32\x89\x02\n\x0e\x43ontrolService\x12J\n\x05\x41\x64mit\x12\x1f.strata.control.v1.AdmitRequest\x1a .strata.control.v1.AdmitResponse\x12M\n\x06Settle\x12 .strata.control.v1.SettleRequest\x1a!.strata.control.v1.SettleResponse\x12\\\n\x0b\x43heckOutput\x12%.strata.control.v1.CheckOutputRequest\x1a&.strata.control.v1.CheckOutputResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstrata/control/v1/control.proto\x12\x11strata.control.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dstrata/common/v1/common.proto\">\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x16\n\x0e\x61pi_key_sha256\x18\x02 \x01(\t\"X\n\x14\x41uthenticateResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\xdd\x02\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x04 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x03\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\ncandidates\x18\x08 \x03(\t\x12/\n\x08messages\x18\t \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x19\n\x11guardrail_profile\x18\n \x01(\t\x12\x16\n\x0e\x61pi_key_sha256\x18\x0b \x01(\tB\x16\n\x14_max_cost_usd_micros\"-\n\rPlanCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x01(\x08\"k\n\x10GuardrailFinding\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x32\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\".strata.control.v1.GuardrailAction\x12\x15\n\rmessage_index\x18\x03 \x01(\x05\"\xbf\x02\n\rAdmitResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12.\n\x04plan\x18\x03 \x03(\x0b\x32 .strata.control.v1.PlanCandidate\x12\x17\n\x0freserved_tokens\x18\x04 \x01(\x03\x12\x1b\n\x13reserved_usd_micros\x18\x05 \x01(\x03\x12\x0f\n\x07team_id\x18\x06 \x01(\t\x12?\n\x12guardrail_findings\x18\x07 \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\x12\x38\n\x11redacted_messages\x18\x08 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x19\n\x11guardrail_profile\x18\t \x01(\t\"\x85\x03\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12+\n\x07outcome\x18\x04 \x01(\x0e\x32\x1a.strata.control.v1.Outcome\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x08 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x0f\n\x07team_id\x18\t \x01(\t\x12,\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x1a.strata.control.v1.Attempt\x12?\n\x12guardrail_findings\x18\x0b \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\"\x93\x01\n\x07\x41ttempt\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\"d\n\x12\x43heckOutputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11guardrail_profile\x18\x04 \x01(\t\"t\n\x13\x43heckOutputResponse\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x08\x12\x35\n\x08\x66indings\x18\x02 \x03(\x0b\x32#.strata.control.v1.GuardrailFinding\x12\x15\n\rredacted_text\x18\x03 \x01(\t\"!\n\x0eSettleResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08*\x87\x01\n\x0fGuardrailAction\x12 \n\x1cGUARDRAIL_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16GUARDRAIL_ACTION_BLOCK\x10\x01\x12\x1b\n\x17GUARDRAIL_ACTION_REDACT\x10\x02\x12\x19\n\x15GUARDRAIL_ACTION_FLAG\x10\x03*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03\x32\xea\x02\n\x0e\x43ontrolService\x12J\n\x05\x41\x64mit\x12\x1f.strata.control.v1.AdmitRequest\x1a .strata.control.v1.AdmitResponse\x12M\n\x06Settle\x12 .strata.control.v1.SettleRequest\x1a!.strata.control.v1.SettleResponse\x12\\\n\x0b\x43heckOutput\x12%.strata.control.v1.CheckOutputRequest\x1a&.strata.control.v1.CheckOutputResponse\x12_\n\x0c\x41uthenticate\x12&.strata.control.v1.AuthenticateRequest\x1a\'.strata.control.v1.AuthenticateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.control.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GUARDRAILACTION']._serialized_start=1721
-  _globals['_GUARDRAILACTION']._serialized_end=1856
-  _globals['_OUTCOME']._serialized_start=1858
-  _globals['_OUTCOME']._serialized_end=1957
-  _globals['_ADMITREQUEST']._serialized_start=118
-  _globals['_ADMITREQUEST']._serialized_end=443
-  _globals['_PLANCANDIDATE']._serialized_start=445
-  _globals['_PLANCANDIDATE']._serialized_end=490
-  _globals['_GUARDRAILFINDING']._serialized_start=492
-  _globals['_GUARDRAILFINDING']._serialized_end=599
-  _globals['_ADMITRESPONSE']._serialized_start=602
-  _globals['_ADMITRESPONSE']._serialized_end=921
-  _globals['_SETTLEREQUEST']._serialized_start=924
-  _globals['_SETTLEREQUEST']._serialized_end=1313
-  _globals['_ATTEMPT']._serialized_start=1316
-  _globals['_ATTEMPT']._serialized_end=1463
-  _globals['_CHECKOUTPUTREQUEST']._serialized_start=1465
-  _globals['_CHECKOUTPUTREQUEST']._serialized_end=1565
-  _globals['_CHECKOUTPUTRESPONSE']._serialized_start=1567
-  _globals['_CHECKOUTPUTRESPONSE']._serialized_end=1683
-  _globals['_SETTLERESPONSE']._serialized_start=1685
-  _globals['_SETTLERESPONSE']._serialized_end=1718
-  _globals['_CONTROLSERVICE']._serialized_start=1960
-  _globals['_CONTROLSERVICE']._serialized_end=2225
+  _globals['_GUARDRAILACTION']._serialized_start=1899
+  _globals['_GUARDRAILACTION']._serialized_end=2034
+  _globals['_OUTCOME']._serialized_start=2036
+  _globals['_OUTCOME']._serialized_end=2135
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=117
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=179
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=181
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=269
+  _globals['_ADMITREQUEST']._serialized_start=272
+  _globals['_ADMITREQUEST']._serialized_end=621
+  _globals['_PLANCANDIDATE']._serialized_start=623
+  _globals['_PLANCANDIDATE']._serialized_end=668
+  _globals['_GUARDRAILFINDING']._serialized_start=670
+  _globals['_GUARDRAILFINDING']._serialized_end=777
+  _globals['_ADMITRESPONSE']._serialized_start=780
+  _globals['_ADMITRESPONSE']._serialized_end=1099
+  _globals['_SETTLEREQUEST']._serialized_start=1102
+  _globals['_SETTLEREQUEST']._serialized_end=1491
+  _globals['_ATTEMPT']._serialized_start=1494
+  _globals['_ATTEMPT']._serialized_end=1641
+  _globals['_CHECKOUTPUTREQUEST']._serialized_start=1643
+  _globals['_CHECKOUTPUTREQUEST']._serialized_end=1743
+  _globals['_CHECKOUTPUTRESPONSE']._serialized_start=1745
+  _globals['_CHECKOUTPUTRESPONSE']._serialized_end=1861
+  _globals['_SETTLERESPONSE']._serialized_start=1863
+  _globals['_SETTLERESPONSE']._serialized_end=1896
+  _globals['_CONTROLSERVICE']._serialized_start=2138
+  _globals['_CONTROLSERVICE']._serialized_end=2500
 # @@protoc_insertion_point(module_scope)

@@ -33,8 +33,28 @@ OUTCOME_SUCCESS: Outcome
 OUTCOME_FAILURE: Outcome
 OUTCOME_CANCELLED: Outcome
 
+class AuthenticateRequest(_message.Message):
+    __slots__ = ("api_key", "api_key_sha256")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    api_key_sha256: str
+    def __init__(self, api_key: _Optional[str] = ..., api_key_sha256: _Optional[str] = ...) -> None: ...
+
+class AuthenticateResponse(_message.Message):
+    __slots__ = ("tenant_id", "key_id", "team_id", "tier")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    team_id: str
+    tier: str
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., team_id: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "api_key", "model", "estimated_input_tokens", "max_output_tokens", "priority", "max_cost_usd_micros", "candidates", "messages", "guardrail_profile")
+    __slots__ = ("request_id", "api_key", "model", "estimated_input_tokens", "max_output_tokens", "priority", "max_cost_usd_micros", "candidates", "messages", "guardrail_profile", "api_key_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +65,7 @@ class AdmitRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     api_key: str
     model: str
@@ -55,7 +76,8 @@ class AdmitRequest(_message.Message):
     candidates: _containers.RepeatedScalarFieldContainer[str]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     guardrail_profile: str
-    def __init__(self, request_id: _Optional[str] = ..., api_key: _Optional[str] = ..., model: _Optional[str] = ..., estimated_input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., guardrail_profile: _Optional[str] = ...) -> None: ...
+    api_key_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., api_key: _Optional[str] = ..., model: _Optional[str] = ..., estimated_input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., guardrail_profile: _Optional[str] = ..., api_key_sha256: _Optional[str] = ...) -> None: ...
 
 class PlanCandidate(_message.Message):
     __slots__ = ("model", "probe")

@@ -51,6 +51,11 @@ class ControlServiceStub:
                 request_serializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.SerializeToString,
                 response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.FromString,
                 _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/strata.control.v1.ControlService/Authenticate',
+                request_serializer=strata_dot_control_dot_v1_dot_control__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.AuthenticateResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -84,6 +89,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Authenticate(self, request, context):
+        """Names the tenant of an API key, without admitting anything (for calls that spend no
+        tokens: knowledge, jobs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +114,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.CheckOutput,
                     request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.FromString,
                     response_serializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.AuthenticateRequest.FromString,
+                    response_serializer=strata_dot_control_dot_v1_dot_control__pb2.AuthenticateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +204,33 @@ class ControlService:
             '/strata.control.v1.ControlService/CheckOutput',
             strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.SerializeToString,
             strata_dot_control_dot_v1_dot_control__pb2.CheckOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.control.v1.ControlService/Authenticate',
+            strata_dot_control_dot_v1_dot_control__pb2.AuthenticateRequest.SerializeToString,
+            strata_dot_control_dot_v1_dot_control__pb2.AuthenticateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,30 +22,52 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1dstrata/common/v1/common.proto\"\xb6\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_max_cost_usd_micros\"\xe0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\x12\x31\n\x0b\x63\x61\x63he_match\x18\t \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\"\xbc\x02\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_max_cost_usd_micros\"\x9b\x05\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a\x92\x01\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x31\n\x0b\x63\x61\x63he_match\x18\x04 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xc1\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatusB\x07\n\x05\x63hunk2\xe7\x01\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1dstrata/common/v1/common.proto\"\xa8\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12?\n\x04tags\x18\t \x03(\x0b\x32\x31.strata.orchestrator.v1.GenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\xc9\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\x12\x31\n\x0b\x63\x61\x63he_match\x18\t \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x33\n\tcitations\x18\n \x03(\x0b\x32 .strata.orchestrator.v1.Citation\x12\x32\n\x06prompt\x18\x0b \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\"X\n\x0bTemplateRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x84\x02\n\x11RetrievalSettings\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x01\x12*\n\x07max_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12V\n\x0fmetadata_filter\x18\x05 \x03(\x0b\x32=.strata.orchestrator.v1.RetrievalSettings.MetadataFilterEntry\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63hunk\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\"B\n\nPromptInfo\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x03 \x01(\t\"\xb4\x04\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12\x45\n\x04tags\x18\t \x03(\x0b\x32\x37.strata.orchestrator.v1.StreamGenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\x84\x06\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a\xc6\x01\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x31\n\x0b\x63\x61\x63he_match\x18\x04 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x32\n\x06prompt\x18\x05 \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xf6\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x33\n\tcitations\x18\x05 \x03(\x0b\x32 .strata.orchestrator.v1.CitationB\x07\n\x05\x63hunk2\xe7\x01\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.orchestrator.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=101
-  _globals['_GENERATEREQUEST']._serialized_end=411
-  _globals['_GENERATERESPONSE']._serialized_start=414
-  _globals['_GENERATERESPONSE']._serialized_end=766
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=769
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=1085
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1088
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1755
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=1328
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=1474
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=1476
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=1550
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=1553
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=1746
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1758
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=1989
+  _globals['_GENERATEREQUEST_TAGSENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._loaded_options = None
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_options = b'8\001'
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._loaded_options = None
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_GENERATEREQUEST']._serialized_start=163
+  _globals['_GENERATEREQUEST']._serialized_end=715
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=648
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=691
+  _globals['_GENERATERESPONSE']._serialized_start=718
+  _globals['_GENERATERESPONSE']._serialized_end=1175
+  _globals['_TEMPLATEREF']._serialized_start=1177
+  _globals['_TEMPLATEREF']._serialized_end=1265
+  _globals['_RETRIEVALSETTINGS']._serialized_start=1268
+  _globals['_RETRIEVALSETTINGS']._serialized_end=1528
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_start=1475
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_end=1528
+  _globals['_CITATION']._serialized_start=1530
+  _globals['_CITATION']._serialized_end=1608
+  _globals['_PROMPTINFO']._serialized_start=1610
+  _globals['_PROMPTINFO']._serialized_end=1676
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=1679
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=2243
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_start=648
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_end=691
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=2246
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=3018
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=2486
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=2684
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=2686
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=2760
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=2763
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=3009
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3021
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3252
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,187 @@
+"""Idempotency keys and single flight, shared by every orchestrator replica through Redis.
+
+- A client's `request_id` is an idempotency key for 24 h: the first call claims it and runs;
+  once it has completed, a repeat replays the stored answer without calling a model; a
+  repeat that arrives while the first still runs waits for it; the same key with another
+  body is FAILED_PRECONDITION/IDEMPOTENCY_KEY_REUSED. A call that fails releases its key,
+  so the client's retry runs again. A running claim is a lease the owner renews: when its
+  replica dies, a waiting repeat takes the request over within LEASE_S.
+- Single flight: identical cacheable requests running at once (same exact-cache key) share
+  one model call: the first takes a lock (a lease it renews), the others wait for it to end
+  and then find the answer in the cache. When the first fails or its replica dies, the next
+  one in takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import redis.asyncio as redis
+from redis.commands.core import AsyncScript
+from google.protobuf import json_format
+
+from services.common.calls import Deadline
+from services.common.errors import StrataError
+from services.common.redis_state import redis_errors
+from services.common.tasks import cancel_and_wait
+from strata.orchestrator.v1 import orchestrator_pb2
+
+log = logging.getLogger(__name__)
+
+KEY_TTL_S = 24 * 3600
+LEASE_S = 10.0
+"""A running claim not renewed for this long is free again (its owner died)."""
+POLL_S = (0.01, 0.25)
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+async def renew(script: AsyncScript, key: str, token: bytes, lease_ms: int) -> None:
+    """Extends a lease held as `token` every quarter of it, until cancelled or lost."""
+    while True:
+        await asyncio.sleep(lease_ms / 4000)
+        try:
+            with redis_errors():
+                if not await script(keys=[key], args=[token, lease_ms]):
+                    return  # lost (taken over after a stall): the holder's work still counts
+        except StrataError as err:
+            log.warning("could not renew a lease (%s)", err.reason)
+
+
+class IdempotencyKeyReused(StrataError):
+    """The request id was used before for a different request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+def body_hash(request: Any) -> str:
+    """A stable hash of a generate request's content, without its request id."""
+    fields = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    fields.pop("request_id", None)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class IdempotencyStore:
+    """Claims, completes and replays requests by (tenant, request id)."""
+
+    def __init__(self, client: redis.Redis, lease_s: float = LEASE_S) -> None:
+        self._redis = client
+        self._lease_ms = int(lease_s * 1000)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+
+    @staticmethod
+    def _key(tenant_id: str, request_id: str) -> str:
+        return f"strata:idem:{{t:{tenant_id}}}:{request_id}"
+
+    async def claim(
+        self, tenant_id: str, request_id: str, digest: str, deadline: Deadline
+    ) -> orchestrator_pb2.GenerateResponse | bytes:
+        """The first call's answer (waited for while it runs), or this call's lease when it
+        owns the request: then `keep` it while running, and `complete` or `release` it."""
+        key = self._key(tenant_id, request_id)
+        lease = b"running:" + digest.encode() + b":" + uuid.uuid4().hex.encode()
+        delay = POLL_S[0]
+        while True:
+            with redis_errors():
+                claimed = await self._redis.set(key, lease, nx=True, px=self._lease_ms)
+                if claimed:
+                    return lease
+                stored: Any = await self._redis.get(key)
+            if stored is None:
+                continue  # released or expired between the two calls: try to claim again
+            state, _, rest = stored.partition(b":")
+            held_digest, _, body = rest.partition(b":")
+            if held_digest.decode() != digest:
+                raise IdempotencyKeyReused(
+                    f"request id {request_id!r} was used for a different request",
+                    metadata={"request_id": request_id},
+                )
+            if state == b"done":
+                return orchestrator_pb2.GenerateResponse.FromString(body)
+            await asyncio.sleep(min(delay, deadline.remaining()))
+            delay = min(delay * 2, POLL_S[1])
+
+    async def keep(self, tenant_id: str, request_id: str, lease: bytes) -> None:
+        """Renews the lease until cancelled (run it beside the request)."""
+        await renew(self._renew, self._key(tenant_id, request_id), lease, self._lease_ms)
+
+    async def complete(
+        self,
+        tenant_id: str,
+        request_id: str,
+        digest: str,
+        response: orchestrator_pb2.GenerateResponse,
+    ) -> None:
+        """Keeps the answer for repeats."""
+        value = b"done:" + digest.encode() + b":" + response.SerializeToString()
+        with redis_errors():
+            await self._redis.set(self._key(tenant_id, request_id), value, ex=KEY_TTL_S)
+
+    async def release(self, tenant_id: str, request_id: str, lease: bytes) -> None:
+        """Gives the key back after a failure, so the client's retry runs again."""
+        try:
+            with redis_errors():
+                await self._release(keys=[self._key(tenant_id, request_id)], args=[lease])
+        except StrataError as err:
+            log.warning("could not release idempotency key (%s); it expires", err.reason)
+
+
+class SingleFlight:
+    """One model call for identical concurrent requests, across replicas."""
+
+    def __init__(self, client: redis.Redis, lease_s: float = LEASE_S) -> None:
+        self._redis = client
+        self._lease_ms = int(lease_s * 1000)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+
+    @asynccontextmanager
+    async def leader(
+        self, tenant_id: str, exact_key: str, deadline: Deadline
+    ) -> AsyncIterator[bool]:
+        """Yields True when this call leads (makes the model call), False when another call
+        led and has now finished (look in the cache again). Waits at most the deadline."""
+        key = f"strata:flight:{{t:{tenant_id}}}:{exact_key}"
+        token = uuid.uuid4().hex.encode()
+        with redis_errors():
+            leads = await self._redis.set(key, token, nx=True, px=self._lease_ms)
+        if leads:
+            # A lease, renewed while the leader runs: when its replica dies, waiters go on
+            # within the lease instead of waiting out the leader's deadline.
+            keeper = asyncio.create_task(renew(self._renew, key, token, self._lease_ms))
+            try:
+                yield True
+            finally:
+                await cancel_and_wait(keeper)
+                try:
+                    with redis_errors():
+                        await self._release(keys=[key], args=[token])
+                except StrataError as err:
+                    log.warning("could not end a single flight (%s); it expires", err.reason)
+            return
+        delay = POLL_S[0]
+        while True:
+            with redis_errors():
+                held = await self._redis.exists(key)
+            if not held:
+                break
+            await asyncio.sleep(min(delay, deadline.remaining()))
+            delay = min(delay * 2, POLL_S[1])
+        yield False
