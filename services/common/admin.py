@@ -16,27 +16,13 @@ import grpc
 import redis.asyncio as redis
 from google.protobuf import message as protobuf_message
 
-from services.common.errors import RequestInvalid, StrataError
+from services.common.errors import AdminTokenInvalid, RequestInProgress, RequestInvalid
 from services.common.redis_state import redis_errors
 from services.common.validation import check_request_id
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 IN_PROGRESS = b"in-progress"
 _M = TypeVar("_M", bound=protobuf_message.Message)
-
-
-class AdminTokenInvalid(StrataError):
-    """The admin token is missing or wrong (or the admin API is not configured)."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "ADMIN_TOKEN_INVALID"
-
-
-class RequestInProgress(StrataError):
-    """The same request id is still being applied by another call."""
-
-    code = grpc.StatusCode.ABORTED
-    reason = "REQUEST_IN_PROGRESS"
 
 
 def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:

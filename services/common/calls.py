@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -16,6 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.errors import DeadlineExceeded
 
 REQUEST_ID_KEY = "x-request-id"
+
+RERUN_IF_CUT: ContextVar[Callable[[], bool]] = ContextVar("rerun_if_cut", default=lambda: False)
+"""Set by whoever runs calls that run again under the same request ids when they are cut
+(the job worker, when it hands a job back or another worker took it over): while it says
+so, a cancelled call leaves its admission reserved for that rerun instead of settling it,
+so the work is charged once, by the run that finishes it."""
 
 
 def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.aio.Channel:

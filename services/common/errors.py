@@ -6,9 +6,19 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
 `stream_handler` turn them into the status, so no handler sets a code itself.
 
     StrataError                       code                reason
-    ├── RequestInvalid                INVALID_ARGUMENT    REQUEST_INVALID (+ BadRequest)
+    ├── RequestInvalid                INVALID_ARGUMENT    REQUEST_INVALID (+ BadRequest), or
+    │                                                     PROMPT_TOO_LARGE, TEMPLATE_INVALID
     ├── ApiKeyInvalid                 UNAUTHENTICATED     API_KEY_INVALID
+    ├── AdminTokenInvalid             UNAUTHENTICATED     ADMIN_TOKEN_INVALID
+    ├── RequestInProgress             ABORTED             REQUEST_IN_PROGRESS
+    ├── IdempotencyKeyReused          FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED
     ├── ModelNotFound                 NOT_FOUND           MODEL_NOT_FOUND
+    ├── RouteNotFound                 NOT_FOUND           ROUTE_NOT_FOUND
+    ├── TemplateNotFound              NOT_FOUND           TEMPLATE_NOT_FOUND
+    ├── PipelineNotFound              NOT_FOUND           PIPELINE_NOT_FOUND
+    ├── JobNotFound                   NOT_FOUND           JOB_NOT_FOUND
+    ├── StepFailed                    (the step's)        (the step's, or STEP_TIMEOUT,
+    │                                                     STEP_INVALID)
     ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
     ├── RequestExceedsLimit           RESOURCE_EXHAUSTED  REQUEST_EXCEEDS_LIMIT
     ├── ConcurrencyLimited            RESOURCE_EXHAUSTED  CONCURRENCY_LIMITED (+ RetryInfo)
@@ -495,3 +505,81 @@ def stream_handler(
             await context.abort_with_status(_internal_status())
 
     return wrapper
+
+
+class RouteNotFound(StrataError):
+    """The request names a route that the routes file does not define."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "ROUTE_NOT_FOUND"
+
+    def __init__(self, route: str) -> None:
+        super().__init__(f"route {route!r} is not configured", metadata={"route": route})
+
+
+class TemplateNotFound(StrataError):
+    """The template, or the version of it asked for, does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "TEMPLATE_NOT_FOUND"
+
+    def __init__(self, name: str, version: str) -> None:
+        """`version` is empty when the latest was asked for."""
+        label = f"{name}@{version}" if version else name
+        super().__init__(
+            f"template {label} does not exist", metadata={"template": name, "version": version}
+        )
+
+
+class PipelineNotFound(StrataError):
+    """No pipeline of that name."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "PIPELINE_NOT_FOUND"
+
+
+class StepFailed(StrataError):
+    """A step failed and its policy stops the pipeline (the step's own code and reason are
+    kept, so a client can tell a timeout or an unavailable provider from a bug)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode,
+        reason: str,
+        metadata: Mapping[str, str],
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.code = code
+
+
+class JobNotFound(StrataError):
+    """No job with this id exists for the tenant (or its result has expired)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "JOB_NOT_FOUND"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} not found", metadata={"job_id": job_id})
+
+
+class IdempotencyKeyReused(StrataError):
+    """The request id was used before for a different request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class AdminTokenInvalid(StrataError):
+    """The admin token is missing or wrong (or the admin API is not configured)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "ADMIN_TOKEN_INVALID"
+
+
+class RequestInProgress(StrataError):
+    """The same request id is still being applied by another call."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "REQUEST_IN_PROGRESS"

@@ -8,7 +8,7 @@ model's share `{m:<model>}`; each script touches one slot only.
     strata:{t:T}:reservations           hash request id -> key|team|tokens|cost|model
     strata:{t:T}:reserved               hash holder -> money reserved by running requests
     strata:{t:T}:expired                hash request id -> cost charged when it expired
-    strata:{t:T}:settled:<request>      settlement marker (idempotency)
+    strata:{t:T}:settled:<request>      hash: admissions, which are settled, counted (idempotency)
     strata:{t:T}:rl:<key|tenant>:<id>:<req|tok>     GCRA state
     strata:{t:T}:usage:<holder>:<total|d<day>|m<yyyymm>>   spent, tokens, requests, ...
     strata:{t:T}:guardrails             stream of guardrail findings, by request
@@ -19,7 +19,9 @@ tenant's admit script. Budgets are checked against spend + reservations + this r
 worst case (prompt + max output tokens at the priciest candidate's prices), so concurrent
 requests on any number of replicas can never overspend. Reservations that are never settled
 expire into a charge of their worst case (the sweeper), never into free money; a late
-settlement corrects the charge to the real cost. Periods (UTC day and month) follow Redis
+settlement corrects the charge to the real cost. A request id settled and then admitted again
+(a retry after a failure) is a new admission, charged on its own; the request counts once.
+Periods (UTC day and month) follow Redis
 server time: the scripts refuse keys named after another period and the caller renames them.
 """
 
@@ -149,6 +151,8 @@ class Admission:
     reserved_tokens: int
     reserved_cost: int
     profile: str
+    number: int
+    """Which admission of the request id this is (a retry after settlement is the next)."""
     findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
     redacted: list[common_pb2.ChatMessage] | None = None
 
@@ -245,6 +249,7 @@ class AdmissionControl:
             reserved_tokens=int(admitted[1]),
             reserved_cost=int(admitted[2]),
             profile=profile,
+            number=int(admitted[4]),
             findings=findings,
             redacted=redacted,
         )
@@ -315,6 +320,7 @@ class AdmissionControl:
                         names.rate("tenant", "", "req"),
                         names.rate("tenant", "", "tok"),
                         *names.usage_keys(key.team_id, key.key_id, day, month),
+                        names.settled(request.request_id),
                     ],
                     args=[
                         request.request_id,
@@ -409,6 +415,7 @@ class AdmissionControl:
             request.usage.output_tokens,
             request.cost.total_usd_micros,
             request.cache_status == common_pb2.CACHE_STATUS_HIT,
+            request.admission,
         )
 
     async def _apply_settlement(
@@ -423,6 +430,7 @@ class AdmissionControl:
         output_tokens: int,
         cost: int,
         cache_hit: bool,
+        admission: int,
     ) -> bool:
         names = TenantKeys(tenant_id)
         day, month = periods()
@@ -453,6 +461,7 @@ class AdmissionControl:
                         int(cache_hit),
                         model,
                         self._settlement_ttl_s,
+                        admission,
                     ],
                 )
             if result[0] == -2:
@@ -491,6 +500,7 @@ class AdmissionControl:
                             names.reserved,
                             names.expired,
                             *names.usage_keys(team_id, key_id, day, month),
+                            names.settled(request_id),
                         ],
                         args=[request_id, day, month],
                     )
@@ -631,6 +641,8 @@ def _check_settle(request: control_pb2.SettleRequest) -> None:
     usage, cost = request.usage, request.cost
     if min(usage.input_tokens, usage.output_tokens, cost.total_usd_micros) < 0:
         violations.append(FieldViolation("usage", "tokens and cost must not be negative"))
+    if request.admission < 0:
+        violations.append(FieldViolation("admission", "must not be negative"))
     for i, attempt in enumerate(request.attempts):
         if not attempt.model:
             violations.append(FieldViolation(f"attempts[{i}].model", "is required"))

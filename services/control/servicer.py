@@ -34,6 +34,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             guardrail_findings=admission.findings,
             redacted_messages=admission.redacted or [],
             guardrail_profile=admission.profile,
+            admission=admission.number,
         )
 
     @unary_handler

@@ -143,7 +143,13 @@ async def build(settings: OrchestratorSettings) -> Service:
         # Loading and verifying the model takes a moment: keep the event loop free meanwhile.
         embedder = await asyncio.to_thread(LocalEmbedder)
         index = await _knowledge_index(settings, embedder.dimensions)
-        knowledge = KnowledgeStore(index, embedder, client)
+        knowledge = KnowledgeStore(
+            index,
+            embedder,
+            client,
+            chunk_tokens=settings.knowledge_chunk_tokens,
+            overlap_tokens=settings.knowledge_overlap_tokens,
+        )
     generator = Generator(
         catalog,
         Guardrails.from_file(settings.guardrails_file),

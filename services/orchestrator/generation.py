@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2
 
-from services.common.calls import Deadline
+from services.common.calls import RERUN_IF_CUT, Deadline
 from services.common.catalog import Catalog
 from services.common.chat import assemble_tool_calls, tool_call_pieces
 from services.common.errors import (
@@ -374,7 +374,8 @@ class Generator:
             tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
             tally.outcome = control_pb2.OUTCOME_CANCELLED
-            self._in_background(self._settle(call, tally))
+            if not RERUN_IF_CUT.get()():
+                self._in_background(self._settle(call, tally))
             raise
         except Exception as err:
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
@@ -473,7 +474,19 @@ class Generator:
             if early is not None:
                 early.cancel()
             early = asyncio.create_task(self._lookup(prepared, messages, admission.tenant_id))
-        found, status = await early
+        try:
+            found, status = await early
+        except BaseException as err:
+            # Cancelled while the cache answered: nothing ran, but the admission holds a
+            # reservation; settle it now, or it would expire into a worst-case charge.
+            early.cancel()
+            tally = _Tally(cache_status=common_pb2.CACHE_STATUS_MISS)
+            if isinstance(err, asyncio.CancelledError | GeneratorExit):
+                tally.outcome = control_pb2.OUTCOME_CANCELLED
+                if RERUN_IF_CUT.get()():
+                    raise
+            self._in_background(self._settle(call, tally))
+            raise
         return call, found, status
 
     async def _lookup(
@@ -672,6 +685,7 @@ class Generator:
                     cache_status=tally.cache_status,
                     attempts=tally.attempts,
                     guardrail_findings=tally.findings,
+                    admission=admission.admission,
                 )
             )
         except StrataError as err:

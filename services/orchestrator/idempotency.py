@@ -23,13 +23,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 import redis.asyncio as redis
-from redis.commands.core import AsyncScript
 from google.protobuf import json_format
+from redis.commands.core import AsyncScript
 
 from services.common.calls import Deadline
-from services.common.errors import StrataError
+from services.common.errors import IdempotencyKeyReused, StrataError
 from services.common.redis_state import redis_errors
 from services.common.tasks import cancel_and_wait
 from strata.orchestrator.v1 import orchestrator_pb2
@@ -60,13 +59,6 @@ async def renew(script: AsyncScript, key: str, token: bytes, lease_ms: int) -> N
                     return  # lost (taken over after a stall): the holder's work still counts
         except StrataError as err:
             log.warning("could not renew a lease (%s)", err.reason)
-
-
-class IdempotencyKeyReused(StrataError):
-    """The request id was used before for a different request."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "IDEMPOTENCY_KEY_REUSED"
 
 
 def body_hash(request: Any) -> str:

@@ -33,6 +33,7 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -46,7 +47,8 @@ import redis.asyncio as redis
 from google.protobuf import timestamp_pb2
 from redis.exceptions import RedisError, ResponseError
 
-from services.common.errors import FieldViolation, RequestInvalid, StrataError
+from services.common.calls import RERUN_IF_CUT
+from services.common.errors import FieldViolation, JobNotFound, RequestInvalid, StrataError
 from services.common.redis_state import redis_errors
 from services.common.tasks import cancel_and_wait
 from services.common.validation import check_request_id
@@ -111,16 +113,6 @@ if ARGV[5] ~= '' then
 end
 return 1
 """
-
-
-class JobNotFound(StrataError):
-    """No job with this id exists for the tenant (or its result has expired)."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "JOB_NOT_FOUND"
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id!r} not found", metadata={"job_id": job_id})
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -794,8 +786,14 @@ class Worker:
             return
         run.attempt = started.job.attempts
         if not run.stop_reason:
+            # Cut for any reason but the job's end (a hand-back, a takeover), the run's calls
+            # leave their admissions to the run that finishes the job: charged once.
+            context = contextvars.copy_context()
+            context.run(RERUN_IF_CUT.set, lambda: run.stop_reason != _ENDED)
             run.runner = asyncio.create_task(
-                self._runner(run.tenant, run.owner, started.work), name=f"runner {run.job_id}"
+                self._runner(run.tenant, run.owner, started.work),
+                name=f"runner {run.job_id}",
+                context=context,
             )
             try:
                 await asyncio.wait({run.runner})
@@ -904,6 +902,8 @@ class Worker:
             try:
                 async with self.queue.client.pubsub() as pubsub:
                     await pubsub.subscribe(self.queue.cancel_channel)
+                    # Notices sent before this (re)subscription are lost: look now.
+                    await self._check(list(self._runs.values()))
                     while True:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
@@ -914,6 +914,6 @@ class Worker:
                         for run in list(self._runs.values()):
                             if run.tenant == tenant and run.job_id == job_id:
                                 run.stop(_ENDED)
-            except (RedisError, OSError) as err:
+            except (StrataError, RedisError, OSError) as err:
                 log.warning("worker %s lost cancel notices (%s)", self.name, err)
                 await asyncio.sleep(1.0)

@@ -42,7 +42,13 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.common.calls import Deadline
-from services.common.errors import FieldViolation, RequestInvalid, StrataError
+from services.common.errors import (
+    FieldViolation,
+    PipelineNotFound,
+    RequestInvalid,
+    StepFailed,
+    StrataError,
+)
 from services.common.settings import ConfigError
 from services.common.validation import check_request_id
 from services.orchestrator.generation import Answer, Generator
@@ -57,29 +63,6 @@ _ROLES = {
     "user": common_pb2.ROLE_USER,
     "assistant": common_pb2.ROLE_ASSISTANT,
 }
-
-
-class PipelineNotFound(StrataError):
-    """No pipeline of that name."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "PIPELINE_NOT_FOUND"
-
-
-class StepFailed(StrataError):
-    """A step failed and its policy stops the pipeline (the step's own code and reason are
-    kept, so a client can tell a timeout or an unavailable provider from a bug)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: grpc.StatusCode,
-        reason: str,
-        metadata: Mapping[str, str],
-    ) -> None:
-        super().__init__(message, reason=reason, metadata=metadata)
-        self.code = code
 
 
 class _Spec(BaseModel):

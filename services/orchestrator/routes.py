@@ -43,7 +43,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, assert_never
 
-import grpc
 import yaml
 from pydantic import (
     BaseModel,
@@ -56,23 +55,13 @@ from pydantic import (
 )
 
 from services.common.catalog import Catalog
-from services.common.errors import StrataError
+from services.common.errors import RouteNotFound
 from services.common.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
 Policy = Literal["fallback", "weighted", "cheapest", "fastest", "rules"]
 ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-
-
-class RouteNotFound(StrataError):
-    """The request names a route that the routes file does not define."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "ROUTE_NOT_FOUND"
-
-    def __init__(self, route: str) -> None:
-        super().__init__(f"route {route!r} is not configured", metadata={"route": route})
 
 
 class _Strict(BaseModel):

@@ -42,6 +42,11 @@ class OrchestratorSettings(ServiceSettings):
     """Serve KnowledgeService and retrieval (loads the embedding model)."""
     vector_backend: Literal["edge", "qdrant"] = "edge"
     """Knowledge collections: `edge` (Qdrant's engine in-process, under data_dir) or `qdrant`."""
+    knowledge_chunk_tokens: int = Field(default=160, ge=16, le=2000)
+    """Tokens per document chunk; the embedder reads at most 256 of its own tokens, which
+    ~160 of the chunker's cover."""
+    knowledge_overlap_tokens: int = Field(default=32, ge=0)
+    """Tokens a chunk repeats from the one before it."""
     data_dir: Path = Path("data/orchestrator")
     """Where the embedded knowledge index lives."""
     qdrant_url: str | None = Field(

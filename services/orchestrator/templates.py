@@ -70,7 +70,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import grpc
 import redis.asyncio as redis
 import yaml
 from google.protobuf import json_format
@@ -89,7 +88,7 @@ from pydantic import (
     model_validator,
 )
 
-from services.common.errors import FieldViolation, RequestInvalid, StrataError
+from services.common.errors import FieldViolation, RequestInvalid, TemplateNotFound
 from services.common.redis_state import redis_errors
 from services.common.settings import ConfigError
 from strata.common.v1 import common_pb2
@@ -119,20 +118,6 @@ _LOADING_NODES = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(VERSION_PATTERN)
-
-
-class TemplateNotFound(StrataError):
-    """The template, or the version of it asked for, does not exist."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "TEMPLATE_NOT_FOUND"
-
-    def __init__(self, name: str, version: str) -> None:
-        """`version` is empty when the latest was asked for."""
-        label = f"{name}@{version}" if version else name
-        super().__init__(
-            f"template {label} does not exist", metadata={"template": name, "version": version}
-        )
 
 
 @dataclass(frozen=True, slots=True)

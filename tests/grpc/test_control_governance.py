@@ -145,6 +145,7 @@ def settle_request(
         usage=common_pb2.Usage(input_tokens=tokens_in, output_tokens=tokens_out),
         cost=common_pb2.Cost(total_usd_micros=cost),
         cache_status=common_pb2.CACHE_STATUS_MISS,
+        admission=kw.pop("admission", admitted.admission),
         **kw,
     )
 
@@ -493,6 +494,34 @@ async def test_an_unsettled_reservation_expires_into_a_charge_of_its_worst_case(
     assert "outcome_success" not in key_usage
     assert usage_record(redis_db, "acme")["requests"] == 2  # k1's expired one and k2's
     assert not redis_db.hexists("strata:{t:acme}:expired", request_id)
+    assert_nothing_held(redis_db, "acme")
+
+
+async def test_a_request_id_admitted_again_after_settling_is_charged_again_and_counted_once(
+    govern: Govern, redis_db: redis.Redis
+) -> None:
+    served, keys = await govern({"acme": {"keys": [{"id": "k1"}]}})
+    request = admit_request(keys["k1"])
+    first = await served.stub.Admit(request)
+    first_settle = settle_request(
+        first, request.request_id, cost=30, tokens_out=3, outcome=control_pb2.OUTCOME_FAILURE
+    )
+    assert (await served.stub.Settle(first_settle)).applied
+
+    # The client retries the failed request under the same id: a new admission.
+    retry = await served.stub.Admit(request)
+    assert (first.admission, retry.admission) == (1, 2)
+    assert (await served.stub.Admit(request)).admission == 2  # still held: the same one
+    # A late repeat of the first settlement neither settles the retry nor charges twice.
+    assert not (await served.stub.Settle(first_settle)).applied
+    assert redis_db.hlen("strata:{t:acme}:reservations") == 1
+    done = settle_request(retry, request.request_id, cost=50, tokens_out=5)
+    assert (await served.stub.Settle(done)).applied
+    assert not (await served.stub.Settle(done)).applied
+
+    usage = usage_record(redis_db, "acme", "k1")
+    assert (usage["spent"], usage["output_tokens"], usage["requests"]) == (80, 8, 1)
+    assert (usage["outcome_failure"], usage["outcome_success"]) == (1, 1)
     assert_nothing_held(redis_db, "acme")
 
 

@@ -156,7 +156,8 @@ async def test_a_job_runs_to_success_and_its_result_expires(
     assert runner.calls == [("acme", job.job_id)]
     # The owner reaches the runner with the queued entry, and is kept nowhere else.
     assert runner.owners == ["sha256:feed"]
-    assert b"feed" not in await client.get(f"strata:job:{{acme}}:{job.job_id}:work")
+    stored = await client.get(f"strata:job:{{acme}}:{job.job_id}:work")
+    assert stored is not None and b"feed" not in stored
     assert await queue.get("acme", job.job_id) == done
     for key in (job.job_id, f"{job.job_id}:work", "request:r1"):
         assert 0 < await client.ttl(f"strata:job:{{acme}}:{key}") <= TTL_S

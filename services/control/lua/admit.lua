@@ -1,16 +1,18 @@
 -- Admits one request of a tenant, atomically: concurrency, per-minute limits of the key
 -- and the tenant (GCRA), and every budget of the tenant, its team and the key for the day,
 -- the month and all time; then reserves the request's tokens and worst-case cost.
--- Idempotent: a request that already holds a reservation is admitted again, unchanged.
+-- Idempotent: a request that already holds a reservation is admitted again, unchanged; a
+-- request id admitted after it was settled (a retry) is a new admission with the next number.
 -- Batch requests may use only `batch_share` of each limit, so they are refused first.
 --
 -- KEYS  1 policy  2 pending (zset rid -> expiry us)  3 reservations (hash)  4 reserved (hash)
 --       5 key requests TAT  6 key tokens TAT  7 tenant requests TAT  8 tenant tokens TAT
 --       9..17 usage hashes: tenant, team, key (each: total, day, month)
+--       18 settlement marker of the request id
 -- ARGV  1 request id  2 key id  3 team ('' for none)  4 day id  5 month id
 --       6 tokens  7 cost (micro-USD)  8 reservation lifetime (s)  9 batch (0/1)
 --       10 batch share  11 model
--- Returns {1, tokens, cost, replayed}                      admitted
+-- Returns {1, tokens, cost, replayed, admission}           admitted
 --         {0, reason, detail, retry_after_us, limit, remaining}  refused
 --         {-1, day id, month id}                          the caller's periods are stale
 
@@ -22,8 +24,8 @@ end
 local rid, key_id, team = ARGV[1], ARGV[2], ARGV[3]
 local held = redis.call('HGET', KEYS[3], rid)
 if held then
-  local _, _, tokens, cost = parse_reservation(held)
-  return {1, tokens, cost, 1}
+  local _, _, tokens, cost, _, admission = parse_reservation(held)
+  return {1, tokens, cost, 1, admission}
 end
 
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -100,9 +102,14 @@ for _, pt in ipairs(pending_tat) do
   redis.call('SET', pt[1], string.format('%.0f', pt[2]), 'PX', math.ceil((pt[2] - now) / 1000) + 1)
 end
 local lifetime = tonumber(ARGV[8])
+settlement_marker(KEYS[18])
+local admission = redis.call('HINCRBY', KEYS[18], 'n', 1)
+if redis.call('TTL', KEYS[18]) < lifetime + 172800 then
+  redis.call('EXPIRE', KEYS[18], lifetime + 172800)
+end
 redis.call('ZADD', KEYS[2], string.format('%.0f', now + lifetime * 1000000), rid)
 redis.call('HSET', KEYS[3], rid,
-  key_id .. '|' .. team .. '|' .. tokens .. '|' .. cost .. '|' .. ARGV[11])
+  key_id .. '|' .. team .. '|' .. tokens .. '|' .. cost .. '|' .. ARGV[11] .. '|' .. admission)
 for _, h in ipairs(holders) do
   if h[1] ~= 'team:' then
     redis.call('HINCRBY', KEYS[4], h[1], cost)
@@ -111,4 +118,4 @@ end
 -- The structures live while the tenant has traffic (the sweeper empties them meanwhile).
 local keep = lifetime + 172800
 for i = 2, 4 do redis.call('EXPIRE', KEYS[i], keep) end
-return {1, tokens, cost, 0}
+return {1, tokens, cost, 0, admission}

@@ -49,9 +49,31 @@ local function add_usage(first, holders, counts, model)
   end
 end
 
--- A reservation record: key id | team | tokens | cost | model.
+-- A reservation record: key id | team | tokens | cost | model | admission number (records
+-- written before admissions were numbered end with the model: they are admission 1).
 local function parse_reservation(record)
-  local key_id, team, tokens, cost, model =
+  local key_id, team, tokens, cost, rest =
     string.match(record, '^([^|]*)|([^|]*)|(%d+)|(%d+)|(.*)$')
-  return key_id, team, tonumber(tokens), tonumber(cost), model
+  local model, admission = string.match(rest, '^(.*)|(%d+)$')
+  if not model then model, admission = rest, 1 end
+  return key_id, team, tonumber(tokens), tonumber(cost), model, tonumber(admission)
+end
+
+-- The settlement marker of a request id is a hash: 'n' counts its admissions (a request id
+-- settled and then admitted again, as a retry after a failure, gets the next number), one
+-- field per settled admission, and 'counted' once the request was counted (once, however
+-- many admissions it took). A marker written as a plain string settled admission 1.
+local function settlement_marker(key)
+  if redis.call('TYPE', key).ok == 'string' then
+    local ttl = redis.call('PTTL', key)
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'n', 1, '1', 1, 'counted', 1)
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+
+-- Where an expired admission's charge is kept (admission 1 under the request id itself).
+local function expired_field(rid, admission)
+  if admission == 1 then return rid end
+  return rid .. '#' .. admission
 end

@@ -98,7 +98,7 @@ class GuardrailFinding(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., action: _Optional[_Union[GuardrailAction, str]] = ..., message_index: _Optional[int] = ...) -> None: ...
 
 class AdmitResponse(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "plan", "reserved_tokens", "reserved_usd_micros", "team_id", "guardrail_findings", "redacted_messages", "guardrail_profile")
+    __slots__ = ("tenant_id", "key_id", "plan", "reserved_tokens", "reserved_usd_micros", "team_id", "guardrail_findings", "redacted_messages", "guardrail_profile", "admission")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class AdmitResponse(_message.Message):
     GUARDRAIL_FINDINGS_FIELD_NUMBER: _ClassVar[int]
     REDACTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     plan: _containers.RepeatedCompositeFieldContainer[PlanCandidate]
@@ -117,10 +118,11 @@ class AdmitResponse(_message.Message):
     guardrail_findings: _containers.RepeatedCompositeFieldContainer[GuardrailFinding]
     redacted_messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     guardrail_profile: str
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanCandidate, _Mapping]]] = ..., reserved_tokens: _Optional[int] = ..., reserved_usd_micros: _Optional[int] = ..., team_id: _Optional[str] = ..., guardrail_findings: _Optional[_Iterable[_Union[GuardrailFinding, _Mapping]]] = ..., redacted_messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., guardrail_profile: _Optional[str] = ...) -> None: ...
+    admission: int
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PlanCandidate, _Mapping]]] = ..., reserved_tokens: _Optional[int] = ..., reserved_usd_micros: _Optional[int] = ..., team_id: _Optional[str] = ..., guardrail_findings: _Optional[_Iterable[_Union[GuardrailFinding, _Mapping]]] = ..., redacted_messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., guardrail_profile: _Optional[str] = ..., admission: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
-    __slots__ = ("request_id", "tenant_id", "key_id", "outcome", "model", "usage", "cost", "cache_status", "team_id", "attempts", "guardrail_findings")
+    __slots__ = ("request_id", "tenant_id", "key_id", "outcome", "model", "usage", "cost", "cache_status", "team_id", "attempts", "guardrail_findings", "admission")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class SettleRequest(_message.Message):
     TEAM_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant_id: str
     key_id: str
@@ -143,7 +146,8 @@ class SettleRequest(_message.Message):
     team_id: str
     attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
     guardrail_findings: _containers.RepeatedCompositeFieldContainer[GuardrailFinding]
-    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., team_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., guardrail_findings: _Optional[_Iterable[_Union[GuardrailFinding, _Mapping]]] = ...) -> None: ...
+    admission: int
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., team_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., guardrail_findings: _Optional[_Iterable[_Union[GuardrailFinding, _Mapping]]] = ..., admission: _Optional[int] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("model", "success", "error_reason", "latency", "usage")
