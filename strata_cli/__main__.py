@@ -5,6 +5,8 @@
     strata admin ...                       keys, budgets, limits, usage, breakers (see --help)
     strata cache ...                       tune the semantic threshold, stats, invalidate
     strata eval ROUTE FILE                 score a route's candidate models on labelled cases
+    strata trace ID                        print what was recorded about one of your requests
+    strata replay ID                       run a recorded request again (no cache) and diff
     strata dev                             run the four services locally (what `make run` does)
     strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
 
@@ -25,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from strata_cli import admin, cache, evaluate
+from strata_cli import admin, cache, evaluate, traces
 from strata_cli.errors import describe_error
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -171,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     admin.add_parser(commands)
     cache.add_parser(commands)
     evaluate.add_parser(commands)
+    traces.add_parser(commands)
 
     dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
     dev.add_argument("--run-dir", default=".run")

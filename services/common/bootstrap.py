@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import logs
+from services.common import logs, telemetry
 from services.common.settings import ConfigError, ServiceSettings, load_settings
 from services.common.tasks import cancel_and_wait
 
@@ -82,6 +82,7 @@ class RunningServer:
         self._settings = settings
         self._watch = asyncio.create_task(self._watch_health(), name=f"{service.name}-health")
         self._stopped = False
+        self.telemetry: telemetry.Telemetry | None = None
 
     async def _watch_health(self) -> None:
         names = ["", *self.service.service_names]
@@ -119,6 +120,9 @@ class RunningServer:
         await self.server.stop(grace)
         if self.service.close is not None:
             await self.service.close()
+        if self.telemetry is not None:
+            made, self.telemetry = self.telemetry, None
+            await asyncio.to_thread(telemetry.release, self.service.name, made)
         log.info("%s stopped", self.service.name)
 
 
@@ -136,7 +140,20 @@ async def _failed_probes(probes: Mapping[str, Probe]) -> list[str]:
 
 async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     """Builds, binds and starts the server; health turns SERVING once the probes pass."""
-    server = grpc.aio.server(options=server_options(settings))
+    made = telemetry.configure(
+        service.name,
+        otlp_endpoint=settings.otlp_endpoint,
+        otlp_timeout_s=settings.otlp_timeout_s,
+        span_queue_size=settings.span_queue_size,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.host,
+        metric_interval_s=settings.metric_export_interval_s,
+        capture_content=settings.capture_content,
+        content_max_bytes=settings.content_max_bytes,
+    )
+    server = grpc.aio.server(
+        options=server_options(settings), interceptors=telemetry.server_interceptors(service.name)
+    )
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     for name in ["", *service.service_names]:
@@ -151,7 +168,9 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     await server.start()
     if settings.port_file is not None:
         _write_atomically(settings.port_file, f"{port}\n")
-    return RunningServer(server, service, health_servicer, port, settings)
+    running = RunningServer(server, service, health_servicer, port, settings)
+    running.telemetry = made
+    return running
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import telemetry
 from services.common.errors import DeadlineExceeded
 
 REQUEST_ID_KEY = "x-request-id"
@@ -38,6 +39,7 @@ def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.enable_retries", 0),
         ],
+        interceptors=telemetry.client_interceptors(),
     )
 
 

@@ -17,6 +17,7 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     ├── TemplateNotFound              NOT_FOUND           TEMPLATE_NOT_FOUND
     ├── PipelineNotFound              NOT_FOUND           PIPELINE_NOT_FOUND
     ├── JobNotFound                   NOT_FOUND           JOB_NOT_FOUND
+    ├── TraceNotFound                 NOT_FOUND           TRACE_NOT_FOUND
     ├── StepFailed                    (the step's)        (the step's, or STEP_TIMEOUT,
     │                                                     STEP_INVALID)
     ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
@@ -562,6 +563,19 @@ class JobNotFound(StrataError):
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} not found", metadata={"job_id": job_id})
+
+
+class TraceNotFound(StrataError):
+    """No record of this request for the tenant (never recorded, expired, or another
+    tenant's)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "TRACE_NOT_FOUND"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"no record of request {request_id!r}", metadata={"request_id": request_id}
+        )
 
 
 class IdempotencyKeyReused(StrataError):

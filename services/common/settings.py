@@ -29,6 +29,22 @@ class ServiceSettings(BaseSettings):
     """How often the dependencies are probed to keep the health status true."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC collector for traces and metrics (e.g. http://otel-collector:4317); unset:
+    spans are made (and trace context carried on) but not exported."""
+    otlp_timeout_s: float = 2.0
+    """Longest an export may take; a slow collector drops data, never delays requests."""
+    span_queue_size: int = 2048
+    """Spans waiting for export; beyond it they are dropped (and counted)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus scrape endpoint (/metrics); unset: none; 0: any free port."""
+    metric_export_interval_s: float = 15.0
+    """How often metrics are pushed to the OTLP collector."""
+    capture_content: bool = False
+    """Record prompts and answers (after PII redaction) as span events and in request
+    records. Off by default: traces often leave the company."""
+    content_max_bytes: int = 4096
+    """Captured content is cut past this many bytes (and flagged as cut)."""
 
 
 class ConfigError(Exception):

@@ -38,6 +38,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from services.common import semconv, telemetry
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import (
     BudgetExceeded,
@@ -227,6 +228,14 @@ class AdmissionControl:
         batch = request.priority == common_pb2.PRIORITY_BATCH
 
         checks, admitted = await self._run_admission(request, key, priced, tokens, cost, batch)
+        made = telemetry.instruments("control")
+        for (model, _), check in zip(priced, checks, strict=True):
+            # 0 closed, 1 open, 2 half open (this request probes); a model skipped for its
+            # rate limit says nothing of its breaker.
+            if int(check[0]) == 0 and _text(check[1]) != "breaker_open":
+                continue
+            state = {1: 0, 2: 2}.get(int(check[0]), 1)
+            made.gauge(semconv.METRIC_BREAKER_STATE, state, **{semconv.MODEL: model.name})
         if admitted[0] == 0:
             probes = [m for (m, _), c in zip(priced, checks, strict=True) if c[0] == 2]
             await self._release_probes(probes)

@@ -6,8 +6,9 @@ from typing import Any
 
 import grpc
 
+from services.common import semconv, telemetry
 from services.common.admin import bearer
-from services.common.errors import unary_handler
+from services.common.errors import StrataError, unary_handler
 from services.control.admin import Admin
 from services.control.admission import AdmissionControl
 from strata.control.v1 import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
@@ -23,7 +24,11 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def Admit(
         self, request: control_pb2.AdmitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.AdmitResponse:
-        admission = await self._admission.admit(request)
+        try:
+            admission = await self._admission.admit(request)
+        except StrataError as err:
+            telemetry.instruments("control").admission_denials.add(1, {semconv.REASON: err.reason})
+            raise
         return control_pb2.AdmitResponse(
             tenant_id=admission.key.tenant_id,
             key_id=admission.key.key_id,

@@ -22,6 +22,9 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 
+from opentelemetry import trace
+
+from services.common import semconv, telemetry
 from services.common.catalog import RetryBudgetConfig
 from services.common.errors import (
     DeadlineExceeded,
@@ -106,7 +109,7 @@ class Attempts:
                 delay = self._retry_delay(err, attempt, request)
                 if delay is None:
                     raise
-                log.info("attempt %d failed (%s); retrying in %.3fs", attempt, err.reason, delay)
+                _retrying(request, attempt, err, delay)
                 await asyncio.sleep(delay)
 
         async with contextlib.aclosing(answer):
@@ -146,7 +149,7 @@ class Attempts:
                 delay = self._retry_delay(err, attempt, request)
                 if delay is None:
                     raise
-                log.info("attempt %d failed (%s); retrying in %.3fs", attempt, err.reason, delay)
+                _retrying(request, attempt, err, delay)
                 await asyncio.sleep(delay)
 
     def _retry_delay(
@@ -245,6 +248,17 @@ class _Attempt:
         except BaseException:
             await self.events.aclose()
             raise
+
+
+def _retrying(request: ProviderRequest, attempt: int, err: ProviderError, delay: float) -> None:
+    log.info("attempt %d failed (%s); retrying in %.3fs", attempt, err.reason, delay)
+    trace.get_current_span().add_event(
+        "retry",
+        {semconv.ATTEMPT: attempt, semconv.ERROR_TYPE: err.reason, "strata.retry.delay_s": delay},
+    )
+    telemetry.instruments("executor").retries.add(
+        1, {semconv.MODEL: request.model.name, semconv.REASON: err.reason}
+    )
 
 
 def _remaining(request: ProviderRequest) -> float:

@@ -33,12 +33,14 @@ from services.orchestrator.knowledge import (
 )
 from services.orchestrator.pipelines import PipelineRunner, load_pipelines
 from services.orchestrator.preparation import Preparer
+from services.orchestrator.records import RecordStore
 from services.orchestrator.routes import LatencyTracker, Router
 from services.orchestrator.servicer import (
     JobServicer,
     KnowledgeServicer,
     OrchestratorServicer,
     PipelineServicer,
+    TraceServicer,
 )
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.templates import TemplateStore
@@ -51,12 +53,15 @@ from strata.orchestrator.v1 import (
     orchestrator_pb2_grpc,
     pipelines_pb2,
     pipelines_pb2_grpc,
+    traces_pb2,
+    traces_pb2_grpc,
 )
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 KNOWLEDGE_SERVICE_NAME = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 PIPELINE_SERVICE_NAME = pipelines_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+TRACE_SERVICE_NAME = traces_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 WORKER_GRACE_S = 10.0
 """On shutdown, running jobs get this long to finish; the rest are taken over elsewhere."""
 
@@ -150,6 +155,7 @@ async def build(settings: OrchestratorSettings) -> Service:
             chunk_tokens=settings.knowledge_chunk_tokens,
             overlap_tokens=settings.knowledge_overlap_tokens,
         )
+    records = RecordStore(client, settings.trace_record_ttl_s)
     generator = Generator(
         catalog,
         Guardrails.from_file(settings.guardrails_file),
@@ -161,6 +167,7 @@ async def build(settings: OrchestratorSettings) -> Service:
         SingleFlight(client),
         latencies,
         audit_rate=settings.cache_audit_rate,
+        records=records,
     )
     pipelines = PipelineRunner(
         load_pipelines(settings.pipelines_file) if settings.pipelines_file else {},
@@ -179,6 +186,7 @@ async def build(settings: OrchestratorSettings) -> Service:
             _work_checker(catalog, router, pipelines),
             settings.default_deadline_s,
         ),
+        TRACE_SERVICE_NAME: TraceServicer(records, generator, settings.default_deadline_s),
     }
     if settings.role == "worker":
         servicers.clear()
@@ -206,6 +214,7 @@ async def build(settings: OrchestratorSettings) -> Service:
             KNOWLEDGE_SERVICE_NAME: knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server,
             PIPELINE_SERVICE_NAME: pipelines_pb2_grpc.add_PipelineServiceServicer_to_server,
             JOB_SERVICE_NAME: jobs_pb2_grpc.add_JobServiceServicer_to_server,
+            TRACE_SERVICE_NAME: traces_pb2_grpc.add_TraceServiceServicer_to_server,
         }
         for name, servicer in servicers.items():
             adders[name](servicer, server)

@@ -31,9 +31,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import trace
 
+from services.common import semconv, telemetry
 from services.common.calls import RERUN_IF_CUT, Deadline
 from services.common.catalog import Catalog
 from services.common.chat import assemble_tool_calls, tool_call_pieces
@@ -50,12 +53,13 @@ from services.common.validation import check_request_id
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
 from services.orchestrator.idempotency import IdempotencyStore, SingleFlight, body_hash
 from services.orchestrator.preparation import Prepared, Preparer
+from services.orchestrator.records import RecordStore
 from services.orchestrator.routes import LatencyTracker
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from strata.executor.v1 import executor_pb2
-from strata.orchestrator.v1 import orchestrator_pb2
+from strata.orchestrator.v1 import orchestrator_pb2, traces_pb2
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +198,23 @@ def replay(response: orchestrator_pb2.GenerateResponse) -> list[Event]:
 
 
 @dataclass(slots=True)
+class _Clock:
+    """When a request began and how long each stage took, for its record."""
+
+    trace_id: str
+    create_time: timestamp_pb2.Timestamp
+    begun: float = field(default_factory=time.monotonic)
+    stages: list[tuple[str, float]] = field(default_factory=list)
+    last: float = 0.0
+
+    def lap(self, stage: str) -> None:
+        """Ends `stage` now (it began when the previous one ended)."""
+        now = time.monotonic()
+        self.stages.append((stage, now - (self.last or self.begun)))
+        self.last = now
+
+
+@dataclass(slots=True)
 class _Call:
     """What every step of one request needs: the prepared request and its admission."""
 
@@ -202,6 +223,7 @@ class _Call:
     messages: Sequence[common_pb2.ChatMessage]
     """The conversation as the model sees it (redacted by the input guardrails if need be)."""
     stream: bool
+    clock: _Clock
 
     @property
     def request_id(self) -> str:
@@ -232,6 +254,13 @@ class _Tally:
     tool_pieces: list[common_pb2.ToolCallDelta] = field(default_factory=list)
     attempts: list[control_pb2.Attempt] = field(default_factory=list)
     findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
+    error: str = ""
+    """The reason the request failed with ('' when it did not)."""
+    cache_match: common_pb2.CacheMatch = common_pb2.CACHE_MATCH_UNSPECIFIED
+    cache_similarity: float = 0.0
+    attempt_began: float = 0.0
+    first_token_s: dict[int, float] = field(default_factory=dict)
+    """Time to the first token of each streamed attempt, by its index."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +288,7 @@ class Generator:
         flight: SingleFlight,
         latencies: LatencyTracker,
         audit_rate: float = 0.0,
+        records: RecordStore | None = None,
     ) -> None:
         self._catalog = catalog
         self._guardrails = guardrails
@@ -270,6 +300,7 @@ class Generator:
         self._flight = flight
         self._latencies = latencies
         self._audit_rate = audit_rate
+        self._records = records
         self._tenant_of_key: dict[bytes, _Known] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -339,17 +370,32 @@ class Generator:
     async def _generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, stream: bool
     ) -> AsyncGenerator[Event, None]:
+        clock = _Clock(telemetry.current_trace_id(), _now())
         prepared = await self._preparer.prepare(
             request,
             deadline,
             lambda: self.tenant_of(api_key, deadline),
             lambda: self.tier_of(api_key, deadline),
         )
+        clock.lap("prepare")
         bind_request_id(prepared.request_id)
-        call, found, cache_status = await self._admit_and_lookup(prepared, api_key, stream)
+        prompt = prepared.prompt
+        telemetry.set_attributes(
+            {
+                semconv.REQUEST_ID: prepared.request_id,
+                semconv.MODEL: prepared.model,
+                semconv.ROUTE: prompt.route or None,
+                semconv.TEMPLATE: prompt.template or None,
+                semconv.PROMPT_HASH: prompt.prompt_hash or None,
+            }
+        )
+        call, found, cache_status = await self._admit_and_lookup(prepared, api_key, stream, clock)
+        telemetry.set_attributes({semconv.TENANT_ID: call.admission.tenant_id})
         tally = _Tally(cache_status=cache_status)
         config = prepared.config
         hit = found if found is not None and found.match else None
+        if hit is not None:
+            tally.cache_match, tally.cache_similarity = hit.match, hit.similarity
         try:
             if hit is not None:
                 tally.model = config.name
@@ -361,6 +407,7 @@ class Generator:
                     if again is not None:
                         # An identical request just finished: its answer is in the cache.
                         hit, tally.cache_status = again, common_pb2.CACHE_STATUS_HIT
+                        tally.cache_match, tally.cache_similarity = again.match, again.similarity
                         tally.model = config.name
                         tally.usage, tally.cost = common_pb2.Usage(), common_pb2.Cost()
                         for event in self._replay_hit(call, again, tally.cache_status):
@@ -374,10 +421,12 @@ class Generator:
             tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
             tally.outcome = control_pb2.OUTCOME_CANCELLED
+            tally.error = "CANCELLED"
             if not RERUN_IF_CUT.get()():
                 self._in_background(self._settle(call, tally))
             raise
         except Exception as err:
+            tally.error = err.reason if isinstance(err, StrataError) else "INTERNAL"
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
                 # The executor counted what the broken stream used; charge that.
                 tally.usage = usage_of_interruption(err.metadata)
@@ -434,7 +483,7 @@ class Generator:
             yield again if again is not None and status == common_pb2.CACHE_STATUS_HIT else None
 
     async def _admit_and_lookup(
-        self, prepared: Prepared, api_key: str, stream: bool
+        self, prepared: Prepared, api_key: str, stream: bool, clock: _Clock
     ) -> tuple[_Call, cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
         fingerprint = hashlib.sha256(api_key.encode()).digest()
         known = self._tenant_of_key.get(fingerprint) if prepared.reads else None
@@ -458,14 +507,37 @@ class Generator:
         if prepared.max_cost_usd_micros is not None:
             admit.max_cost_usd_micros = prepared.max_cost_usd_micros
         try:
-            admission = await self._control.admit(admit, prepared.deadline)
+            with _span(semconv.SPAN_ADMISSION) as span:
+                try:
+                    admission = await self._control.admit(admit, prepared.deadline)
+                except StrataError as err:
+                    span.set_attributes(
+                        {
+                            semconv.ADMISSION_DECISION: "refused",
+                            semconv.ADMISSION_REASON: err.reason,
+                        }
+                    )
+                    raise
+                span.set_attributes(
+                    {
+                        semconv.ADMISSION_DECISION: "admitted",
+                        semconv.RESERVED_USD_MICROS: admission.reserved_usd_micros,
+                        semconv.PLAN: [c.model for c in admission.plan],
+                        semconv.TENANT_ID: admission.tenant_id,
+                    }
+                )
+                if admission.guardrail_findings:
+                    span.set_attribute(
+                        semconv.GUARDRAIL_RULES, [f.rule for f in admission.guardrail_findings]
+                    )
         except BaseException:
             if early is not None:
                 early.cancel()
             raise
+        clock.lap("admission")
         self._remember_tenant(fingerprint, admission.tenant_id, None)
         messages = admission.redacted_messages or prepared.messages
-        call = _Call(prepared, admission, messages, stream)
+        call = _Call(prepared, admission, messages, stream, clock)
         if not prepared.reads:
             if early is not None:
                 early.cancel()
@@ -476,6 +548,7 @@ class Generator:
             early = asyncio.create_task(self._lookup(prepared, messages, admission.tenant_id))
         try:
             found, status = await early
+            clock.lap("cache_lookup")
         except BaseException as err:
             # Cancelled while the cache answered: nothing ran, but the admission holds a
             # reservation; settle it now, or it would expire into a worst-case charge.
@@ -496,17 +569,25 @@ class Generator:
         tenant_id: str,
     ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
         """The cache's reply and the cache status; a failing cache counts as a miss."""
-        try:
-            found = await self._cache.lookup(
-                cache_pb2.LookupRequest(
-                    scope=_scope(tenant_id, prepared.model, prepared), messages=messages
-                ),
-                prepared.deadline,
-                prepared.request_id,
-            )
-        except StrataError as err:
-            log.warning("cache lookup failed (%s); treating it as a miss", err.reason)
-            return None, common_pb2.CACHE_STATUS_ERROR
+        with _span(semconv.SPAN_CACHE_LOOKUP) as span:
+            try:
+                found = await self._cache.lookup(
+                    cache_pb2.LookupRequest(
+                        scope=_scope(tenant_id, prepared.model, prepared), messages=messages
+                    ),
+                    prepared.deadline,
+                    prepared.request_id,
+                )
+            except StrataError as err:
+                log.warning("cache lookup failed (%s); treating it as a miss", err.reason)
+                span.set_attributes({semconv.CACHE_RESULT: "error", semconv.ERROR_TYPE: err.reason})
+                return None, common_pb2.CACHE_STATUS_ERROR
+            result = _match_names.get(found.match, "miss")
+            span.set_attribute(semconv.CACHE_RESULT, result)
+            if found.similarity:
+                span.set_attribute(semconv.CACHE_SIMILARITY, found.similarity)
+            if found.rejected_by:
+                span.set_attribute(semconv.CACHE_REJECTED_BY, found.rejected_by)
         if found.match == common_pb2.CACHE_MATCH_UNSPECIFIED:
             return found, common_pb2.CACHE_STATUS_MISS
         return found, common_pb2.CACHE_STATUS_HIT
@@ -515,7 +596,7 @@ class Generator:
         """Tries the plan's candidates in order until one answers."""
         plan = [c.model for c in call.admission.plan] or [call.prepared.model]
         for index, model in enumerate(plan):
-            started = time.monotonic()
+            started = tally.attempt_began = time.monotonic()
             attempt = control_pb2.Attempt(model=model)
             try:
                 answer = (
@@ -538,6 +619,13 @@ class Generator:
                 call.deadline.remaining()  # no time left: DEADLINE_EXCEEDED, not a fallback
                 log.warning(
                     "model %s failed (%s); falling back to %s", model, err.reason, plan[index + 1]
+                )
+                trace.get_current_span().add_event(
+                    semconv.FALLBACK,
+                    {semconv.MODEL: model, semconv.ERROR_TYPE: err.reason, "to": plan[index + 1]},
+                )
+                telemetry.instruments(_SERVICE).fallbacks.add(
+                    1, {semconv.MODEL: model, semconv.REASON: err.reason}
                 )
             finally:
                 elapsed = time.monotonic() - started
@@ -565,6 +653,8 @@ class Generator:
                 if kind == "delta":
                     delta = chunk.delta
                     if delta.text:
+                        if (attempt := len(tally.attempts)) not in tally.first_token_s:
+                            tally.first_token_s[attempt] = time.monotonic() - tally.attempt_began
                         if blocking := scanner.feed(delta.text):
                             tally.findings.append(_finding(blocking.rule, blocking.action))
                             raise GuardrailBlocked(blocking.rule, "output")
@@ -591,6 +681,7 @@ class Generator:
                     # Rules that only flag or redact leave the (already sent) stream alone.
                     verdict = self._guardrails.check_output("".join(tally.text), profile)
                     tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
+                    _guardrail_event(verdict)
                     yield Finished(
                         final.finish_reason,
                         final.usage,
@@ -620,6 +711,7 @@ class Generator:
             answer.text, call.admission.guardrail_profile or None
         )
         tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
+        _guardrail_event(verdict)
         if (blocking := verdict.blocking) is not None:
             raise GuardrailBlocked(blocking.rule, "output")
         text = _redacted_output(verdict, answer.text)
@@ -655,7 +747,8 @@ class Generator:
         if call.prepared.ttl is not None:
             store.ttl.CopyFrom(call.prepared.ttl)
         try:
-            await self._cache.store(store)
+            with _span(semconv.SPAN_CACHE_STORE):
+                await self._cache.store(store)
         except StrataError as err:
             log.warning("cache store failed (%s)", err.reason)
 
@@ -671,25 +764,117 @@ class Generator:
             )
             cost = (self._catalog.get(tally.model) or config).cost(usage)
         admission = call.admission
+        call.clock.lap(
+            "cache_hit" if tally.cache_status == common_pb2.CACHE_STATUS_HIT else "model"
+        )
+        span = _span(
+            semconv.SPAN_SETTLEMENT,
+            {
+                semconv.COST_USD_MICROS: cost.total_usd_micros if cost else 0,
+                semconv.OUTCOME: control_pb2.Outcome.Name(tally.outcome),
+            },
+        )
         try:
-            await self._control.settle(
-                control_pb2.SettleRequest(
-                    request_id=call.request_id,
-                    tenant_id=admission.tenant_id,
-                    key_id=admission.key_id,
-                    team_id=admission.team_id,
-                    outcome=tally.outcome,
-                    model=tally.model,
-                    usage=usage,
-                    cost=cost,
-                    cache_status=tally.cache_status,
-                    attempts=tally.attempts,
-                    guardrail_findings=tally.findings,
-                    admission=admission.admission,
+            with span:
+                await self._control.settle(
+                    control_pb2.SettleRequest(
+                        request_id=call.request_id,
+                        tenant_id=admission.tenant_id,
+                        key_id=admission.key_id,
+                        team_id=admission.team_id,
+                        outcome=tally.outcome,
+                        model=tally.model,
+                        usage=usage,
+                        cost=cost,
+                        cache_status=tally.cache_status,
+                        attempts=tally.attempts,
+                        guardrail_findings=tally.findings,
+                        admission=admission.admission,
+                    )
                 )
-            )
         except StrataError as err:
             log.error("settlement failed (%s); the reservation will expire instead", err.reason)
+        call.clock.lap("settlement")
+        self._account(call, tally, usage, cost)
+        if self._records is not None:
+            self._in_background(self._records.save(self._record(call, tally, usage, cost)))
+
+    def _account(
+        self,
+        call: _Call,
+        tally: _Tally,
+        usage: common_pb2.Usage,
+        cost: common_pb2.Cost | None,
+    ) -> None:
+        """The request's metrics."""
+        made = telemetry.instruments(_SERVICE)
+        tenant = call.admission.tenant_id
+        model = tally.model or call.prepared.model
+        made.requests.add(1, {semconv.OUTCOME: tally.error or "OK", semconv.MODEL: model})
+        result = _cache_result(tally.cache_status, tally.cache_match)
+        made.cache_results.add(1, {semconv.CACHE_RESULT: result, semconv.MODEL: model})
+        if cost is not None and cost.total_usd_micros:
+            made.cost.add(
+                cost.total_usd_micros / 1e6, {semconv.TENANT_ID: tenant, semconv.MODEL: model}
+            )
+
+    def _record(
+        self,
+        call: _Call,
+        tally: _Tally,
+        usage: common_pb2.Usage,
+        cost: common_pb2.Cost | None,
+    ) -> traces_pb2.RequestRecord:
+        """What happened to the request, for GetTrace and replay."""
+        prepared, clock = call.prepared, call.clock
+        request = orchestrator_pb2.GenerateRequest()
+        request.ParseFromString(prepared.request.SerializeToString())
+        # As it ran: templates rendered, documents retrieved, redactions applied.
+        request.ClearField("template")
+        request.ClearField("retrieval")
+        request.ClearField("route")
+        request.model = prepared.model
+        del request.messages[:]
+        request.messages.extend(call.messages)
+        record = traces_pb2.RequestRecord(
+            request_id=call.request_id,
+            tenant_id=call.admission.tenant_id,
+            trace_id=clock.trace_id,
+            create_time=clock.create_time,
+            model=prepared.model,
+            prompt=prepared.prompt,
+            request=request,
+            cache_status=tally.cache_status,
+            sources=prepared.citations,
+            outcome=tally.error or "OK",
+            finish_reason=tally.finish_reason,
+            usage=usage,
+            stages=[
+                traces_pb2.StageTiming(stage=name, duration=_duration(seconds))
+                for name, seconds in clock.stages
+            ],
+            latency=_duration(time.monotonic() - clock.begun),
+        )
+        if tally.cache_match:
+            record.cache.match = tally.cache_match
+            record.cache.similarity = tally.cache_similarity
+        if cost is not None:
+            record.cost.CopyFrom(cost)
+        for index, attempt in enumerate(tally.attempts):
+            kept = record.attempts.add(
+                model=attempt.model,
+                outcome=attempt.error_reason or ("OK" if attempt.success else "CANCELLED"),
+                latency=attempt.latency,
+                usage=attempt.usage,
+            )
+            if index in tally.first_token_s:
+                kept.time_to_first_token.CopyFrom(_duration(tally.first_token_s[index]))
+        made = telemetry.of(_SERVICE)
+        if made.capture_content:
+            record.output, record.output_truncated = telemetry.capture(
+                "".join(tally.text), made.content_max_bytes
+            )
+        return record
 
     async def _audit(self, call: _Call, entry_id: str) -> None:
         """Asks the model anyway and lets the cache compare its answer with the served one."""
@@ -757,3 +942,42 @@ def _scope(tenant_id: str, model: str, prepared: Prepared) -> cache_pb2.CacheSco
         documents=prepared.documents,
         semantic=prepared.semantic,
     )
+
+
+# --- telemetry ------------------------------------------------------------------------------
+
+_SERVICE = "orchestrator"
+_match_names = {
+    common_pb2.CACHE_MATCH_EXACT: "exact",
+    common_pb2.CACHE_MATCH_SEMANTIC: "semantic",
+}
+
+
+def _span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
+    """A child span of the request's (ended when its block ends; failures marked)."""
+    return telemetry.tracer(_SERVICE).start_as_current_span(name, attributes=attributes)
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return now
+
+
+def _cache_result(status: common_pb2.CacheStatus, match: common_pb2.CacheMatch) -> str:
+    if status == common_pb2.CACHE_STATUS_HIT:
+        return _match_names.get(match, "exact")
+    return common_pb2.CacheStatus.Name(status).removeprefix("CACHE_STATUS_").lower()
+
+
+def _guardrail_event(verdict: Verdict) -> None:
+    """The output guardrails' decision, on the request's span (only when a rule fired)."""
+    if verdict.findings:
+        trace.get_current_span().add_event(
+            semconv.SPAN_GUARDRAILS,
+            {
+                semconv.GUARDRAIL_PHASE: "output",
+                semconv.GUARDRAIL_BLOCKED: verdict.blocking is not None,
+                semconv.GUARDRAIL_RULES: [f.rule for f in verdict.findings],
+            },
+        )

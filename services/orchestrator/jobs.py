@@ -45,8 +45,11 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from redis.exceptions import RedisError, ResponseError
 
+from services.common import semconv, telemetry
 from services.common.calls import RERUN_IF_CUT
 from services.common.errors import FieldViolation, JobNotFound, RequestInvalid, StrataError
 from services.common.redis_state import redis_errors
@@ -78,6 +81,7 @@ _STORE_TRIES = 6
 
 # KEYS 1 request mapping  2 job  3 work  4 index  5 stream
 # ARGV 1 job id  2 job  3 work  4 score (create time, us)  5 tenant  6 job key prefix  7 owner
+#      8 the submitting request's W3C traceparent ('' for none)
 # Returns the id of the job already holding the request id, or '' when this one was queued.
 _SUBMIT = """
 local existing = redis.call('GET', KEYS[1])
@@ -88,7 +92,8 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('XADD', KEYS[5], '*', 'tenant', ARGV[5], 'job_id', ARGV[1], 'owner', ARGV[7])
+redis.call('XADD', KEYS[5], '*', 'tenant', ARGV[5], 'job_id', ARGV[1], 'owner', ARGV[7],
+  'trace', ARGV[8])
 return ''
 """
 
@@ -248,6 +253,7 @@ class JobQueue:
                     tenant,
                     prefix,
                     owner,
+                    _traceparent(),
                 ],
             )
         if not existing:
@@ -564,6 +570,8 @@ class _Run:
     job_id: str
     owner: str = ""
     task: asyncio.Task[None] | None = None
+    trace: str = ""
+    """The submitting request's traceparent: the run's trace links to it."""
     attempt: int = 0
     runner: asyncio.Task[jobs_pb2.Job] | None = None
     stop_reason: str = ""
@@ -756,6 +764,7 @@ class Worker:
             _text(fields.get(b"tenant", b"")),
             _text(fields.get(b"job_id", b"")),
             _text(fields.get(b"owner", b"")),
+            trace=_text(fields.get(b"trace", b"")),
         )
         run.task = asyncio.create_task(self._handle(run), name=f"job {run.job_id}")
         self._runs[entry_id] = run
@@ -790,6 +799,8 @@ class Worker:
             # leave their admissions to the run that finishes the job: charged once.
             context = contextvars.copy_context()
             context.run(RERUN_IF_CUT.set, lambda: run.stop_reason != _ENDED)
+            span = _job_span(run)
+            context.run(otel_context.attach, trace.set_span_in_context(span))
             run.runner = asyncio.create_task(
                 self._runner(run.tenant, run.owner, started.work),
                 name=f"runner {run.job_id}",
@@ -800,6 +811,8 @@ class Worker:
             finally:
                 if not run.runner.done():
                     await cancel_and_wait(run.runner)
+                span.set_attribute(semconv.STATE, run.stop_reason or "done")
+                span.end()
         if run.stop_reason == _SUPERSEDED:
             return
         state, result, error = self._outcome(run)
@@ -857,6 +870,7 @@ class Worker:
         queue = self.queue
         while True:
             await asyncio.sleep(self._heartbeat_s)
+            await self._measure_queue()
             runs = list(self._runs.values())
             if not runs:
                 continue
@@ -877,6 +891,24 @@ class Worker:
                         )
             except (StrataError, RedisError) as err:
                 log.warning("worker %s heartbeat failed (%s)", self.name, err)
+
+    async def _measure_queue(self) -> None:
+        """The queue's depth and the age of its oldest entry, for the metrics."""
+        queue = self.queue
+        try:
+            async with queue.client.pipeline(transaction=False) as pipe:
+                pipe.xlen(queue.stream)
+                pipe.xrange(queue.stream, count=1)
+                depth, oldest = await pipe.execute()
+        except RedisError as err:
+            log.debug("queue not measured (%s)", err)
+            return
+        age_s = 0.0
+        if oldest:
+            age_s = max(0.0, time.time() - int(_text(oldest[0][0]).split("-")[0]) / 1000)
+        made = telemetry.instruments("orchestrator")
+        made.gauge(semconv.METRIC_JOB_QUEUE_DEPTH, float(depth))
+        made.gauge(semconv.METRIC_JOB_QUEUE_AGE, age_s)
 
     async def _check(self, runs: builtins.list[_Run]) -> None:
         """Stops the runs whose job ended elsewhere or was started by another worker."""
@@ -917,3 +949,25 @@ class Worker:
             except (StrataError, RedisError, OSError) as err:
                 log.warning("worker %s lost cancel notices (%s)", self.name, err)
                 await asyncio.sleep(1.0)
+
+
+def _traceparent() -> str:
+    """The current trace context as a W3C traceparent ('' outside a trace)."""
+    carried = dict(telemetry.inject_metadata([]))
+    return str(carried.get("traceparent", ""))
+
+
+def _job_span(run: _Run) -> trace.Span:
+    """The root span of a job's run, linked to the request that submitted the job."""
+    submitted = trace.get_current_span(telemetry.extract_metadata([("traceparent", run.trace)]))
+    origin = submitted.get_span_context()
+    return telemetry.tracer("orchestrator").start_span(
+        semconv.SPAN_JOB,
+        context=otel_context.Context(),
+        links=[trace.Link(origin)] if origin.is_valid else [],
+        attributes={
+            semconv.JOB_ID: run.job_id,
+            semconv.TENANT_ID: run.tenant,
+            semconv.ATTEMPT: run.attempt,
+        },
+    )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2
 
+from services.common import semconv, telemetry
 from services.common.calls import Deadline
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import FieldViolation, RequestInvalid
@@ -246,15 +247,25 @@ class Preparer:
         if not query:
             raise RequestInvalid.field("retrieval", "needs a user message (or a `question`)")
         max_age = retrieval.max_age.ToSeconds() if retrieval.HasField("max_age") else None
-        return await self._knowledge.search(
-            tenant_id,
-            retrieval.collection,
-            query,
-            top_k=retrieval.top_k or DEFAULT_TOP_K,
-            min_score=retrieval.min_score,
-            max_age_s=float(max_age) if max_age else None,
-            metadata_filter=dict(retrieval.metadata_filter),
-        )
+        with telemetry.tracer("orchestrator").start_as_current_span(
+            semconv.SPAN_RETRIEVAL, attributes={semconv.RETRIEVAL_COLLECTION: retrieval.collection}
+        ) as span:
+            chunks = await self._knowledge.search(
+                tenant_id,
+                retrieval.collection,
+                query,
+                top_k=retrieval.top_k or DEFAULT_TOP_K,
+                min_score=retrieval.min_score,
+                max_age_s=float(max_age) if max_age else None,
+                metadata_filter=dict(retrieval.metadata_filter),
+            )
+            span.set_attributes(
+                {
+                    semconv.RETRIEVAL_DOCUMENTS: [f"{c.document_id}@{c.version}" for c in chunks],
+                    semconv.RETRIEVAL_SCORES: [round(c.score, 4) for c in chunks],
+                }
+            )
+            return chunks
 
 
 def _retrieval(

@@ -25,6 +25,7 @@ from services.orchestrator.generation import (
 from services.orchestrator.jobs import JobQueue
 from services.orchestrator.knowledge import KnowledgeStore
 from services.orchestrator.pipelines import PipelineRunner
+from services.orchestrator.records import RecordStore
 from strata.orchestrator.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -34,6 +35,8 @@ from strata.orchestrator.v1 import (
     orchestrator_pb2_grpc,
     pipelines_pb2,
     pipelines_pb2_grpc,
+    traces_pb2,
+    traces_pb2_grpc,
 )
 
 _Chunk = orchestrator_pb2.StreamGenerateResponse
@@ -340,3 +343,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             tenant, request.page_size, request.page_token, request.state
         )
         return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+
+class TraceServicer(traces_pb2_grpc.TraceServiceServicer):
+    """Implements strata.orchestrator.v1.TraceService: a tenant reads its own records only."""
+
+    def __init__(self, records: RecordStore, tenants: Generator, default_deadline_s: float) -> None:
+        self._records = records
+        self._tenants = tenants
+        self._default_deadline_s = default_deadline_s
+
+    @unary_handler
+    async def GetTrace(
+        self, request: traces_pb2.GetTraceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> traces_pb2.GetTraceResponse:
+        deadline = Deadline.of_call(context, self._default_deadline_s)
+        tenant = await self._tenants.tenant_of(bearer_key(context), deadline)
+        record = await self._records.get(tenant, request.request_id)
+        return traces_pb2.GetTraceResponse(record=record)

@@ -66,6 +66,8 @@ class OrchestratorSettings(ServiceSettings):
     """A job whose worker has not been heard from for this long is taken over by another."""
     job_result_ttl_s: int = Field(default=86400, ge=1)
     """How long a finished job (and its result) is kept."""
+    trace_record_ttl_s: int = Field(default=24 * 3600, ge=1)
+    """How long request records (`strata trace`, TraceService) are kept."""
     guardrails_file: Path = Path(__file__).resolve().parents[2] / "config" / "guardrails.yaml"
     """YAML file of guardrail profiles, for the output checks (the same file control reads)."""
     cache_audit_rate: float = Field(default=0.0, ge=0, le=1)

@@ -1,0 +1,57 @@
+"""Prompt-response records: what happened to each request, kept in Redis with a TTL.
+
+One record per request, a serialized `RequestRecord` under
+`strata:trace:{<tenant>}:<request id>` (the tenant in a hash tag, so a tenant's keys share a
+Redis Cluster slot). Reads are scoped to the caller's tenant: another tenant's request id
+reads as not found. Saving is best effort: a request never fails because its record could
+not be kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from services.common.errors import RequestInvalid, TraceNotFound
+from services.common.redis_state import redis_errors
+from services.common.validation import check_request_id
+from strata.orchestrator.v1 import traces_pb2
+
+log = logging.getLogger(__name__)
+
+
+def record_key(tenant_id: str, request_id: str) -> str:
+    """The Redis key of a tenant's record of a request."""
+    return f"strata:trace:{{{tenant_id}}}:{request_id}"
+
+
+class RecordStore:
+    """Stores and reads request records, per tenant."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._redis = client
+        self._ttl_s = ttl_s
+
+    async def save(self, record: traces_pb2.RequestRecord) -> None:
+        """Stores the record under its tenant and request id; never raises (logs instead)."""
+        try:
+            await self._redis.set(
+                record_key(record.tenant_id, record.request_id),
+                record.SerializeToString(),
+                ex=self._ttl_s,
+            )
+        except (RedisError, OSError) as err:
+            log.warning("request record %s not saved (%s)", record.request_id, err)
+
+    async def get(self, tenant_id: str, request_id: str) -> traces_pb2.RequestRecord:
+        """The tenant's record of the request; raises TraceNotFound when there is none."""
+        if violation := check_request_id(request_id):
+            raise RequestInvalid([violation])
+        with redis_errors():
+            raw: Any = await self._redis.get(record_key(tenant_id, request_id))
+        if raw is None:
+            raise TraceNotFound(request_id)
+        return traces_pb2.RequestRecord.FromString(raw)
