@@ -41,6 +41,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.common import semconv, telemetry
 from services.common.calls import Deadline
 from services.common.errors import (
     FieldViolation,
@@ -238,10 +239,21 @@ class PipelineRunner:
         inputs = _inputs(spec, json_format.MessageToDict(request.inputs))
         context: dict[str, Any] = {"inputs": inputs, "steps": {}}
         result = pipelines_pb2.RunPipelineResponse(request_id=request_id)
+        telemetry.set_attributes(
+            {semconv.PIPELINE: request.pipeline, semconv.REQUEST_ID: request_id}
+        )
         for step in spec.steps:
-            outcome, code = await self._step(
-                step, context, request_id, api_key, deadline, tenant_of
-            )
+            with telemetry.tracer("orchestrator").start_as_current_span(
+                f"{semconv.SPAN_PIPELINE_STEP} {step.name}",
+                attributes={semconv.PIPELINE_STEP: step.name, semconv.KIND: step.kind},
+            ) as span:
+                outcome, code = await self._step(
+                    step, context, request_id, api_key, deadline, tenant_of
+                )
+                state = pipelines_pb2.StepState.Name(outcome.state).removeprefix("STEP_STATE_")
+                span.set_attribute(semconv.STATE, state.lower())
+                if outcome.error_reason:
+                    span.set_attribute(semconv.ERROR_TYPE, outcome.error_reason)
             result.steps.append(outcome)
             result.usage.input_tokens += outcome.usage.input_tokens
             result.usage.output_tokens += outcome.usage.output_tokens

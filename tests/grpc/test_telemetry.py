@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,9 +21,15 @@ from opentelemetry.trace import SpanKind
 
 from services.common import telemetry
 from strata.common.v1 import common_pb2
-from strata.orchestrator.v1 import orchestrator_pb2
+from strata.orchestrator.v1 import (
+    jobs_pb2,
+    jobs_pb2_grpc,
+    orchestrator_pb2,
+    pipelines_pb2,
+    pipelines_pb2_grpc,
+)
 from tests.conftest import ApiKeys
-from tests.grpc.conftest import Served
+from tests.grpc.conftest import Served, StartOrchestrator
 from tests.helpers import bearer, user
 
 SERVICES = ("orchestrator", "control", "cache", "executor")
@@ -151,3 +159,78 @@ def test_captured_content_is_redacted_and_cut() -> None:
     assert not cut
     text, cut = telemetry.capture("é" * 100, 11)
     assert cut and text == "é" * 5  # cut on a character boundary
+
+
+async def test_a_job_runs_in_its_own_trace_linked_to_the_submitting_request(
+    orchestrator: Served, test_keys: ApiKeys, spans: InMemorySpanExporter
+) -> None:
+    jobs = jobs_pb2_grpc.JobServiceStub(orchestrator.channel)
+    submitted = await jobs.SubmitJob(
+        jobs_pb2.SubmitJobRequest(
+            request_id="traced-job",
+            generate=orchestrator_pb2.GenerateRequest(
+                model="mock-fast", messages=[user("a job to trace")]
+            ),
+        ),
+        metadata=[*bearer(test_keys.acme), ("traceparent", TRACEPARENT)],
+        timeout=5,
+    )
+    job_id = submitted.job.job_id
+
+    found = await finished(spans, lambda f: any(s.name == "job" for s in f))
+    [job] = [s for s in found if s.name == "job"]
+    assert job.parent is None  # a trace of its own ...
+    [link] = job.links  # ... linked to the request that submitted it
+    assert format(link.context.trace_id, "032x") == TRACEPARENT[3:35]
+    assert (job.attributes or {})["strata.job_id"] == job_id
+    # The job's model call is in the job's trace.
+    chats = [s for s in found if s.name == "chat mock-fast" and trace_id(s) == trace_id(job)]
+    assert len(chats) == 1
+
+
+async def test_each_pipeline_step_is_a_span(
+    start_orchestrator: StartOrchestrator, test_keys: ApiKeys, tmp_path: Path
+) -> None:
+    path = tmp_path / "pipelines.yaml"
+    say = [{"role": "user", "content": "one"}]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pipelines": {
+                    "strict": {
+                        "steps": [
+                            {
+                                "name": "first",
+                                "kind": "generate",
+                                "model": "mock-fast",
+                                "messages": say,
+                            },
+                            {
+                                "name": "broken",
+                                "kind": "generate",
+                                "model": "mock-error",
+                                "messages": say,
+                            },
+                        ]
+                    }
+                }
+            }
+        )
+    )
+    served = await start_orchestrator(pipelines_file=path)
+    exporter = InMemorySpanExporter()
+    telemetry.of("orchestrator").tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    pipelines = pipelines_pb2_grpc.PipelineServiceStub(served.channel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await pipelines.RunPipeline(
+            pipelines_pb2.RunPipelineRequest(pipeline="strict"),
+            metadata=[*bearer(test_keys.acme), ("traceparent", TRACEPARENT)],
+            timeout=10,
+        )
+    found = await finished(exporter, lambda f: any(s.name == "pipeline step broken" for s in f))
+    steps = {s.name: s for s in found if s.name.startswith("pipeline step")}
+    assert set(steps) == {"pipeline step first", "pipeline step broken"}
+    assert all(trace_id(s) == TRACEPARENT[3:35] for s in steps.values())
+    assert (steps["pipeline step first"].attributes or {})["strata.state"] == "succeeded"
+    broken = steps["pipeline step broken"].attributes or {}
+    assert (broken["strata.state"], broken["error.type"]) == ("failed", "PROVIDER_UNAVAILABLE")
