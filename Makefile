@@ -12,7 +12,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN := gen/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache clean
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache bench-tracing clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +75,9 @@ test-stack: $(INSTALLED) ## The four services as processes with Redis and an HTT
 bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and lookup latency
 	@$(PY) -m bench.cache_quality
 	@$(PY) -m bench.cache_latency
+
+bench-tracing: $(INSTALLED) ## Latency of Generate with traces exported vs not (p50, p95)
+	@$(PY) -m bench.tracing_overhead
 
 clean: ## Remove the virtualenv, local tools and run state
 	rm -rf $(VENV) .tools .run .pytest_cache .mypy_cache .ruff_cache

@@ -258,6 +258,9 @@ def configure(
             server.shutdown()
             server.server_close()
             thread.join(timeout=2)
+            # The reader's shutdown unregisters it from the global registry: put it back.
+            registry.unregister(reader._collector)
+            REGISTRY.register(reader._collector)
 
     meter_provider = MeterProvider(resource=_resource(service), metric_readers=readers)
     tracer_provider = TracerProvider(resource=_resource(service))
