@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,7 +34,7 @@ class ServiceSettings(BaseSettings):
     spans are made (and trace context carried on) but not exported."""
     otlp_timeout_s: float = 2.0
     """Longest an export may take; a slow collector drops data, never delays requests."""
-    span_queue_size: int = 2048
+    span_queue_size: int = Field(default=2048, ge=1)
     """Spans waiting for export; beyond it they are dropped (and counted)."""
     metrics_port: int | None = None
     """Port of the Prometheus scrape endpoint (/metrics); unset: none; 0: any free port."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,10 +268,15 @@ def configure(
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+        # The SDK counts the spans its queue drops (otel.sdk.processor.span.processed,
+        # error.type=queue_full) when its internal metrics are on: on unless set otherwise.
+        os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+
         tracer_provider.add_span_processor(
             BatchSpanProcessor(
                 OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True, timeout=otlp_timeout_s),
                 max_queue_size=span_queue_size,
+                max_export_batch_size=min(512, span_queue_size),
                 schedule_delay_millis=500,
                 export_timeout_millis=otlp_timeout_s * 1000,
                 meter_provider=meter_provider,
