@@ -1,4 +1,4 @@
-# One image for the four services; the command picks the service:
+# One image for the four services and the HTTP door; the command picks the process:
 #   docker run strata python -m services.orchestrator
 FROM python:3.11-slim
 
@@ -16,5 +16,5 @@ COPY config ./config
 RUN pip install --no-deps . && useradd --uid 10001 --no-create-home strata
 
 USER strata
-EXPOSE 50051 50052 50053 50054
+EXPOSE 50051 50052 50053 50054 8080
 CMD ["python", "-m", "services.orchestrator"]

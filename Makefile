@@ -10,9 +10,16 @@ BUF := .tools/node_modules/.bin/buf
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GEN := gen/python
+NODE_CLIENT := clients/node
+NODE_INSTALLED := $(NODE_CLIENT)/node_modules/.installed
+# `buf breaking` compares protos/ with this commit: the merge-base with origin/main when that
+# ref exists, else the commit that added protos/buf.yaml (the first v1 contract).
+# Override: make proto-check BREAKING_AGAINST=<commit>.
+BREAKING_AGAINST ?= $(shell git merge-base HEAD origin/main 2>/dev/null \
+	|| git log --diff-filter=A --format=%H -- protos/buf.yaml 2>/dev/null | tail -1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache bench-tracing clean
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache bench-tracing clean node-client
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,9 +44,16 @@ proto: $(INSTALLED) ## Regenerate gen/python from protos/
 	@echo "==> generating Python code from protos/ into $(GEN)"
 	@$(PY) -m strata_cli.protogen protos $(GEN)
 
-proto-check: $(INSTALLED) $(BUF) ## Fail when buf lint fails or gen/python is stale
+proto-check: $(INSTALLED) $(BUF) ## Fail when buf lint or buf breaking fails or gen/python is stale
 	@echo "==> buf lint"
 	@cd protos && ../$(BUF) lint
+	@base="$(BREAKING_AGAINST)"; \
+	if [ -z "$$base" ]; then \
+	  echo "==> buf breaking: skipped (no git history to compare with)"; \
+	else \
+	  echo "==> buf breaking against $$base (protos/, rules from protos/buf.yaml)"; \
+	  cd protos && ../$(BUF) breaking --against "../.git#ref=$$base,subdir=protos"; \
+	fi
 	@echo "==> checking that $(GEN) matches protos/"
 	@$(PY) -m strata_cli.protogen protos $(GEN) --check
 
@@ -59,7 +73,7 @@ fmt: $(INSTALLED) ## Format the code with ruff
 run: $(INSTALLED) ## Start the four services locally on the mock provider and stream an answer
 	@$(PY) -m strata_cli dev
 
-test: $(INSTALLED) ## Run every test layer: unit, grpc, stack
+test: $(INSTALLED) $(NODE_INSTALLED) ## Run every test layer: unit, grpc, stack
 	@echo "==> tests: unit, grpc, stack (real Redis; a private redis-server when none answers)"
 	@$(PY) -m pytest tests/unit tests/grpc tests/stack
 
@@ -69,7 +83,7 @@ test-unit: $(INSTALLED) ## Unit tests only (no sockets)
 test-grpc: $(INSTALLED) ## Each service through real stubs
 	@$(PY) -m pytest tests/grpc
 
-test-stack: $(INSTALLED) ## The four services as processes with Redis and an HTTP upstream
+test-stack: $(INSTALLED) $(NODE_INSTALLED) ## The four services as processes with Redis and an HTTP upstream
 	@$(PY) -m pytest tests/stack
 
 bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and lookup latency
@@ -79,5 +93,16 @@ bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and looku
 bench-tracing: $(INSTALLED) ## Latency of Generate with traces exported vs not (p50, p95)
 	@$(PY) -m bench.tracing_overhead
 
+node-client: $(NODE_INSTALLED) ## Install the Node.js client's pinned dependencies (clients/node)
+
+$(NODE_INSTALLED): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@echo "==> installing the Node.js client's pinned dependencies (npm ci in $(NODE_CLIENT))"
+	@cd $(NODE_CLIENT) && npm ci --prefer-offline --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null
+	@touch $@
+
 clean: ## Remove the virtualenv, local tools and run state
 	rm -rf $(VENV) .tools .run .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: validate-deploy
+validate-deploy: $(INSTALLED) ## Check deploy/k8s and docker-compose.yml against schemas and the code
+	@$(PY) -m pytest -q tests/unit/test_deploy.py

@@ -2,7 +2,15 @@
 
     strata chat "What is Strata?"          stream an answer (key from STRATA_API_KEY)
     strata keys create --tenant acme       print a new API key and the hash to configure
+                                           (--register: create it through the admin API)
+    strata keys list|revoke --tenant acme  a tenant's keys (admin API, STRATA_ADMIN_TOKEN)
+    strata budgets set|show --tenant acme  budgets (admin API)
+    strata usage --tenant acme             usage and spend for a period (admin API)
     strata admin ...                       keys, budgets, limits, usage, breakers (see --help)
+    strata routes                          the routes of the routes file (offline)
+    strata templates [show NAME@VERSION]   prompt templates and their variables (offline)
+    strata documents ingest|list|delete|search COLLECTION ...    knowledge collections
+    strata jobs submit|get|watch|cancel|list                     jobs
     strata cache ...                       tune the semantic threshold, stats, invalidate
     strata eval ROUTE FILE                 score a route's candidate models on labelled cases
     strata trace ID                        print what was recorded about one of your requests
@@ -10,12 +18,16 @@
     strata dev                             run the four services locally (what `make run` does)
     strata health 127.0.0.1:50051          exit 0 when the service reports SERVING
 
-On failure a command exits non-zero and prints the gRPC code and Strata's error reason.
+The orchestrator's address is --address or $STRATA_ADDRESS, the API key --key or
+$STRATA_API_KEY. Output is for people; --json prints one JSON document instead. Exit codes:
+0 done, 1 a gRPC error (its code and Strata's reason on stderr), 2 a usage error or missing
+credentials.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,10 +39,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from strata_cli import admin, cache, evaluate, traces
+from strata_cli import admin, cache, documents, evaluate, jobs, routes, templates, traces
+from strata_cli.client import DEFAULT_ADDRESS
 from strata_cli.errors import describe_error
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def stream_chat(
@@ -113,10 +124,20 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
+    if args.register:
+        return admin.run(args)
     from services.control.keys import new_key
 
     key, digest = new_key()
     key_id = args.id or f"{args.tenant}-{digest[:8]}"
+    if args.json:
+        print(
+            json.dumps(
+                {"tenant_id": args.tenant, "key_id": key_id, "api_key": key, "sha256": digest},
+                indent=2,
+            )
+        )
+        return 0
     print(f"API key (shown once, give it to the client): {key}")
     print(f"Add under tenants.{args.tenant}.keys in the tenants file:")
     print(f"  - id: {key_id}\n    sha256: {digest}")
@@ -161,8 +182,16 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="print a new key and the hash to configure")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--id", help="key id (default: <tenant>-<hash prefix>)")
-    create.set_defaults(run=_keys_create)
+    create.add_argument("--id", default="", help="key id (default: <tenant>-<hash prefix>)")
+    create.add_argument(
+        "--register",
+        action="store_true",
+        help="create the key in the control service through the admin API instead",
+    )
+    create.add_argument("--team", default="", help="the key's team (with --register)")
+    admin.add_connection_arguments(create)
+    create.set_defaults(run=_keys_create, call=admin.create_key)
+    admin.add_aliases(commands, keys)
 
     health = commands.add_parser("health", help="check a service's gRPC health")
     health.add_argument("address")
@@ -174,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     cache.add_parser(commands)
     evaluate.add_parser(commands)
     traces.add_parser(commands)
+    routes.add_parser(commands)
+    templates.add_parser(commands)
+    documents.add_parser(commands)
+    jobs.add_parser(commands)
 
     dev = commands.add_parser("dev", help="run the four services locally on the mock provider")
     dev.add_argument("--run-dir", default=".run")

@@ -9,9 +9,18 @@
     strata admin usage --tenant acme [--team T | --key K | --model M] --period day
     strata admin breakers
 
-The admin token comes from --token or $STRATA_ADMIN_TOKEN, the address from --address or
-$STRATA_CONTROL_ADDRESS (default 127.0.0.1:50052). Mutations send a fresh request id (or
---request-id), so a retried command is applied once. --json prints the raw answer.
+The common ones at the top level too, their options after the verb:
+
+    strata keys list --tenant acme | strata keys revoke --tenant acme --id web
+    strata keys create --tenant acme --register [--team T]
+    strata budgets set --tenant acme --period month --usd 250
+    strata budgets show --tenant acme [--period month]
+    strata usage --tenant acme [--period day] [--json]
+
+The admin token comes from --token or $STRATA_ADMIN_TOKEN (none: exit 2), the address from
+--address or $STRATA_CONTROL_ADDRESS (default 127.0.0.1:50052). Mutations send a fresh
+request id (or --request-id), so a retried command is applied once. --json prints the raw
+answer.
 """
 
 from __future__ import annotations
@@ -39,12 +48,7 @@ PERIODS = {
 def add_parser(commands: Any) -> None:
     """Adds `admin` and its subcommands to the `strata` command line."""
     admin = commands.add_parser("admin", help="keys, budgets, limits, usage, breakers")
-    admin.add_argument(
-        "--address", default=os.environ.get("STRATA_CONTROL_ADDRESS", "127.0.0.1:50052")
-    )
-    admin.add_argument("--token", default=os.environ.get("STRATA_ADMIN_TOKEN", ""))
-    admin.add_argument("--json", action="store_true", help="print the raw answer as JSON")
-    admin.add_argument("--request-id", default="", help="idempotency id of a mutation")
+    add_connection_arguments(admin)
     verbs = admin.add_subparsers(dest="verb", required=True)
 
     keys = verbs.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
@@ -52,7 +56,7 @@ def add_parser(commands: Any) -> None:
     create.add_argument("--tenant", required=True)
     create.add_argument("--id", default="")
     create.add_argument("--team", default="")
-    create.set_defaults(call=_create)
+    create.set_defaults(call=create_key)
     listing = keys.add_parser("list", help="list a tenant's keys")
     listing.add_argument("--tenant", required=True)
     listing.set_defaults(call=_list)
@@ -83,6 +87,58 @@ def add_parser(commands: Any) -> None:
     breakers.set_defaults(call=_breakers)
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--address, --token, --json and --request-id of the admin API."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("STRATA_CONTROL_ADDRESS", "127.0.0.1:50052"),
+        help="the control service (default: $STRATA_CONTROL_ADDRESS or 127.0.0.1:50052)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("STRATA_ADMIN_TOKEN", ""),
+        help="admin token (default: $STRATA_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+    parser.add_argument("--request-id", default="", help="idempotency id of a mutation")
+
+
+def add_aliases(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    keys: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """`strata budgets set|show`, `strata usage` and `strata keys list|revoke`: the admin
+    commands under the names of the issue, their options after the verb."""
+    budgets = commands.add_parser("budgets", help="set and show budgets (admin API)")
+    budget_verbs = budgets.add_subparsers(dest="verb", required=True)
+    budget_set = budget_verbs.add_parser("set", help="set a budget (0 removes it)")
+    _scope_arguments(budget_set, model=False)
+    budget_set.add_argument("--period", choices=sorted(PERIODS), required=True)
+    budget_set.add_argument("--usd", type=Decimal, required=True)
+    budget_set.set_defaults(call=_budget)
+    budget_show = budget_verbs.add_parser("show", help="a budget and what it has left")
+    _scope_arguments(budget_show, model=False)
+    budget_show.add_argument("--period", choices=sorted(PERIODS), default="month")
+    budget_show.set_defaults(call=_budget_show)
+
+    usage = commands.add_parser("usage", help="usage and spend for a period (admin API)")
+    _scope_arguments(usage, model=True)
+    usage.add_argument("--period", choices=sorted(PERIODS), default="month")
+    usage.set_defaults(call=_usage)
+
+    listing = keys.add_parser("list", help="list a tenant's keys (admin API)")
+    listing.add_argument("--tenant", required=True)
+    listing.set_defaults(call=_list)
+    revoke = keys.add_parser("revoke", help="revoke a key (admin API)")
+    revoke.add_argument("--tenant", required=True)
+    revoke.add_argument("--id", required=True)
+    revoke.set_defaults(call=_revoke)
+
+    for leaf in (budget_set, budget_show, usage, listing, revoke):
+        add_connection_arguments(leaf)
+        leaf.set_defaults(run=run)
+
+
 def _scope_arguments(parser: argparse.ArgumentParser, *, model: bool) -> None:
     parser.add_argument("--tenant", default="")
     which = parser.add_mutually_exclusive_group()
@@ -106,7 +162,8 @@ def _request_id(args: argparse.Namespace) -> str:
     return str(args.request_id or uuid.uuid4().hex)
 
 
-def _create(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, str]:
+def create_key(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, str]:
+    """CreateApiKey: the answer, and the key (shown once) for people."""
     reply = stub.CreateApiKey(
         admin_pb2.CreateApiKeyRequest(
             request_id=_request_id(args), tenant_id=args.tenant, key_id=args.id, team_id=args.team
@@ -163,6 +220,21 @@ def _budget(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, st
         timeout=10,
     )
     return reply, f"{args.period} budget: ${reply.limit_usd_micros / 1e6:,.6f}"
+
+
+def _budget_show(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, str]:
+    reply, _ = _usage(stub, args, metadata)
+    if not reply.budget_usd_micros:
+        return reply, (
+            f"no {args.period} budget; spent ${reply.spent_usd_micros / 1e6:,.6f}, "
+            f"reserved ${reply.reserved_usd_micros / 1e6:,.6f}"
+        )
+    left = reply.budget_usd_micros - reply.spent_usd_micros - reply.reserved_usd_micros
+    return reply, (
+        f"{args.period} budget ${reply.budget_usd_micros / 1e6:,.2f}: spent "
+        f"${reply.spent_usd_micros / 1e6:,.6f}, reserved ${reply.reserved_usd_micros / 1e6:,.6f}"
+        f", left ${max(left, 0) / 1e6:,.6f}"
+    )
 
 
 def _limits(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, str]:
@@ -223,8 +295,11 @@ def _breakers(stub: Any, args: argparse.Namespace, metadata: Any) -> tuple[Any, 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs one admin command; non-zero with the gRPC code and reason on failure."""
-
+    """Runs one admin command: 1 with the gRPC code and reason on failure, 2 without a
+    token."""
+    if not args.token:
+        print("error: no admin token: pass --token or set STRATA_ADMIN_TOKEN", file=sys.stderr)
+        return 2
     metadata = (("authorization", f"Bearer {args.token}"),)
     with grpc.insecure_channel(args.address) as channel:
         stub = admin_pb2_grpc.ControlAdminServiceStub(channel)

@@ -73,9 +73,15 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
         },
     }
     stack = LocalStack(
-        run_dir, models_file.resolve(), tenants.resolve(), redis_url, ports, env=admin_env
+        run_dir,
+        models_file.resolve(),
+        tenants.resolve(),
+        redis_url,
+        ports,
+        env=admin_env,
+        gateway=True,
     )
-    print("==> starting control, cache, executor, orchestrator (logs in .run/logs/)")
+    print("==> starting control, cache, executor, orchestrator, gateway (logs in .run/logs/)")
     try:
         stack.start()
         print()
@@ -84,6 +90,7 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
         print(f"  control       {stack.addresses['control']:<18} redis")
         print(f"  cache         {stack.addresses['cache']:<18} redis")
         print(f"  executor      {stack.addresses['executor']:<18} providers (mock)")
+        print(f"  gateway       {stack.addresses['gateway']:<18} orchestrator (OpenAI API)")
         print(f"\n==> streaming an answer: strata chat {prompt!r}\n")
         try:
             stream_chat(stack.addresses["orchestrator"], key, "mock-small", prompt)
@@ -100,6 +107,9 @@ def run_dev(run_dir: Path, models_file: Path, prompt: str) -> int:
             '\'{"model":"mock-small","messages":[{"role":"ROLE_USER","content":"hi"}]}\' '
             f"{stack.addresses['orchestrator']} "
             "strata.orchestrator.v1.OrchestratorService/StreamGenerate\n"
+            f"  curl http://{stack.addresses['gateway']}/v1/chat/completions "
+            '-H "authorization: Bearer $STRATA_API_KEY" -H "content-type: application/json" '
+            '-d \'{"model":"mock-small","messages":[{"role":"user","content":"hi"}]}\'\n'
             "Press Ctrl-C to stop."
         )
         stop = threading.Event()

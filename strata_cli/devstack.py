@@ -20,11 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICES = ("control", "cache", "executor", "orchestrator")
-DEFAULT_PORTS = {"orchestrator": 50051, "control": 50052, "cache": 50053, "executor": 50054}
+DEFAULT_PORTS = {
+    "orchestrator": 50051,
+    "control": 50052,
+    "cache": 50053,
+    "executor": 50054,
+    "gateway": 8080,
+}
 
 
 class StackError(RuntimeError):
@@ -105,6 +112,22 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None) -> None:
+    """Blocks until `url` answers 200 (the HTTP door's health)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{url}: the process exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{url} did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(0.05)
 
 
 def wait_serving(
@@ -228,6 +251,8 @@ class LocalStack:
     ports: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for every service (settings overrides)."""
+    gateway: bool = False
+    """Also run the OpenAI-compatible HTTP door (`services.gateway`) before the orchestrator."""
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     @property
@@ -279,8 +304,14 @@ class LocalStack:
                 },
             )
             orchestrator.wait_bound(timeout_s)
-            for process in self.services.values():
-                wait_serving(process.address, timeout_s, process.process)
+            if self.gateway:
+                door = self._spawn("gateway", {"ORCHESTRATOR_ADDRESS": orchestrator.address})
+                door.wait_bound(timeout_s)
+            for name, process in self.services.items():
+                if name == "gateway":
+                    wait_http_ok(f"http://{process.address}/healthz", timeout_s, process.process)
+                else:
+                    wait_serving(process.address, timeout_s, process.process)
         except BaseException:
             self.stop()
             raise

@@ -38,6 +38,9 @@ def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.enable_retries", 0),
+            # Spread calls over every address a name resolves to (dns:/// of a headless
+            # Service); the same as pick_first when there is one.
+            ("grpc.lb_policy_name", "round_robin"),
         ],
         interceptors=telemetry.client_interceptors(),
     )

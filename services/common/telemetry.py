@@ -463,7 +463,10 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                     err = caught
                     raise
                 finally:
-                    otel_context.detach(token)
+                    # A stream closed from another task ends in another context: the
+                    # attachment went with the context it was made in.
+                    if trace.get_current_span() is span:
+                        otel_context.detach(token)
                     finish(span, context, err)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -489,7 +492,10 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                     err = caught
                     raise
                 finally:
-                    otel_context.detach(token)
+                    # A stream closed from another task ends in another context: the
+                    # attachment went with the context it was made in.
+                    if trace.get_current_span() is span:
+                        otel_context.detach(token)
                     finish(span, context, err)
 
             return grpc.unary_stream_rpc_method_handler(

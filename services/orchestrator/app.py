@@ -22,6 +22,7 @@ from services.common.redis_state import connect
 from services.common.settings import ConfigError
 from services.common.tasks import cancel_and_wait
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
+from services.orchestrator.embed import Embeddings
 from services.orchestrator.generation import Answer, Generator
 from services.orchestrator.idempotency import IdempotencyStore, SingleFlight
 from services.orchestrator.jobs import JobQueue, Runner, Worker
@@ -156,12 +157,17 @@ async def build(settings: OrchestratorSettings) -> Service:
             overlap_tokens=settings.knowledge_overlap_tokens,
         )
     records = RecordStore(client, settings.trace_record_ttl_s)
+    control = ControlClient(
+        channels["control"], settings.admit_timeout_s, settings.settle_timeout_s
+    )
+    executor = ExecutorClient(channels["executor"])
+    embeddings = Embeddings(catalog, control, executor)
     generator = Generator(
         catalog,
         Guardrails.from_file(settings.guardrails_file),
-        ControlClient(channels["control"], settings.admit_timeout_s, settings.settle_timeout_s),
+        control,
         cache,
-        ExecutorClient(channels["executor"]),
+        executor,
         Preparer(catalog, router, templates, knowledge),
         IdempotencyStore(client),
         SingleFlight(client),
@@ -178,7 +184,9 @@ async def build(settings: OrchestratorSettings) -> Service:
         client, result_ttl_s=settings.job_result_ttl_s, claim_idle_s=settings.job_claim_idle_s
     )
     servicers = {
-        SERVICE_NAME: OrchestratorServicer(generator, settings.default_deadline_s),
+        SERVICE_NAME: OrchestratorServicer(
+            generator, settings.default_deadline_s, embeddings, catalog, router
+        ),
         PIPELINE_SERVICE_NAME: PipelineServicer(pipelines, generator, settings.default_deadline_s),
         JOB_SERVICE_NAME: JobServicer(
             queue,
@@ -225,6 +233,7 @@ async def build(settings: OrchestratorSettings) -> Service:
         for task in tasks:
             await cancel_and_wait(task)
         await generator.aclose()
+        await embeddings.aclose()
         if knowledge is not None:
             await knowledge.aclose()
         if embedder is not None:

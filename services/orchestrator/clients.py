@@ -154,6 +154,18 @@ class ExecutorClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = executor_pb2_grpc.ExecutorServiceStub(channel)
 
+    async def embed(
+        self, request: executor_pb2.EmbedRequest, deadline: Deadline
+    ) -> executor_pb2.EmbedResponse:
+        return await _unary(
+            "executor",
+            self._stub.Embed(
+                request,
+                timeout=deadline.remaining(),
+                metadata=request_metadata(request.request_id),
+            ),
+        )
+
     async def complete(
         self, request: executor_pb2.CompleteRequest, deadline: Deadline
     ) -> executor_pb2.CompleteResponse:

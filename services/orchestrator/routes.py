@@ -376,6 +376,10 @@ class Router:
         """The configured routes' names, sorted."""
         return sorted(self._routes)
 
+    def configs(self) -> list[RouteConfig]:
+        """The configured routes, sorted by name."""
+        return [self._routes[name] for name in sorted(self._routes)]
+
     def uses_tier(self, route: str) -> bool:
         """Whether deciding `route` needs the caller's tenant tier."""
         config = self._routes.get(route)

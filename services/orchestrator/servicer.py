@@ -10,9 +10,11 @@ from typing import Any
 import grpc
 
 from services.common.calls import Deadline
+from services.common.catalog import Catalog
 from services.common.errors import ApiKeyInvalid, RequestInvalid, stream_handler, unary_handler
 from services.common.validation import check_request_id
 from services.orchestrator.clients import HASHED, CacheClient
+from services.orchestrator.embed import Embeddings
 from services.orchestrator.generation import (
     Answer,
     Event,
@@ -26,6 +28,7 @@ from services.orchestrator.jobs import JobQueue
 from services.orchestrator.knowledge import KnowledgeStore
 from services.orchestrator.pipelines import PipelineRunner
 from services.orchestrator.records import RecordStore
+from services.orchestrator.routes import Router
 from strata.orchestrator.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -56,9 +59,54 @@ def bearer_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Implements strata.orchestrator.v1.OrchestratorService."""
 
-    def __init__(self, generator: Generator, default_deadline_s: float) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        default_deadline_s: float,
+        embeddings: Embeddings | None = None,
+        catalog: Catalog | None = None,
+        router: Router | None = None,
+    ) -> None:
         self._generator = generator
         self._default_deadline_s = default_deadline_s
+        self._embeddings = embeddings
+        self._catalog = catalog
+        self._router = router
+
+    @unary_handler
+    async def ListModels(
+        self,
+        request: orchestrator_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> orchestrator_pb2.ListModelsResponse:
+        deadline = Deadline.of_call(context, self._default_deadline_s)
+        await self._generator.tenant_of(bearer_key(context), deadline)
+        reply = orchestrator_pb2.ListModelsResponse()
+        if self._catalog is not None:
+            for name in sorted(self._catalog.models):
+                model = self._catalog.models[name]
+                reply.models.add(
+                    name=name,
+                    kind=model.kind,
+                    context_window=model.context_window,
+                    max_output_tokens=model.max_output_tokens,
+                )
+        if self._router is not None:
+            for route in self._router.configs():
+                reply.routes.add(name=route.name, policy=route.policy, candidates=route.candidates)
+        return reply
+
+    @unary_handler
+    async def Embed(
+        self,
+        request: orchestrator_pb2.EmbedRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> orchestrator_pb2.EmbedResponse:
+        if self._embeddings is None:
+            raise RequestInvalid.field("model", "embeddings are not served here")
+        return await self._embeddings.embed(
+            request, bearer_key(context), Deadline.of_call(context, self._default_deadline_s)
+        )
 
     def _events(
         self,

@@ -295,7 +295,10 @@ def test_the_chat_span_carries_the_gen_ai_attributes(
     assert usage.input_tokens > 0 and usage.output_tokens > 0
     assert attrs["gen_ai.usage.input_tokens"] == usage.input_tokens
     assert attrs["gen_ai.usage.output_tokens"] == usage.output_tokens
-    assert list(attrs["gen_ai.response.finish_reasons"]) == ["stop"]
+    finish = common_pb2.FinishReason.Name(traced_call.final.finish_reason)
+    assert list(attrs["gen_ai.response.finish_reasons"]) == [
+        finish.removeprefix("FINISH_REASON_").lower()
+    ]
     assert attrs["strata.time_to_first_token_s"] >= 0
     assert "error.type" not in attrs
     assert chat.status != "ERROR"

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from strata.common.v1 import common_pb2 as strata_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1dstrata/common/v1/common.proto\"\xa8\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12?\n\x04tags\x18\t \x03(\x0b\x32\x31.strata.orchestrator.v1.GenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\xc9\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\x12\x31\n\x0b\x63\x61\x63he_match\x18\t \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x33\n\tcitations\x18\n \x03(\x0b\x32 .strata.orchestrator.v1.Citation\x12\x32\n\x06prompt\x18\x0b \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\"X\n\x0bTemplateRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x84\x02\n\x11RetrievalSettings\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x01\x12*\n\x07max_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12V\n\x0fmetadata_filter\x18\x05 \x03(\x0b\x32=.strata.orchestrator.v1.RetrievalSettings.MetadataFilterEntry\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63hunk\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\"B\n\nPromptInfo\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x03 \x01(\t\"\xb4\x04\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12\x45\n\x04tags\x18\t \x03(\x0b\x32\x37.strata.orchestrator.v1.StreamGenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\x84\x06\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a\xc6\x01\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x31\n\x0b\x63\x61\x63he_match\x18\x04 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x32\n\x06prompt\x18\x05 \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xf6\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x33\n\tcitations\x18\x05 \x03(\x0b\x32 .strata.orchestrator.v1.CitationB\x07\n\x05\x63hunk2\xe7\x01\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)strata/orchestrator/v1/orchestrator.proto\x12\x16strata.orchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1dstrata/common/v1/common.proto\"\x13\n\x11ListModelsRequest\"z\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.strata.orchestrator.v1.ModelInfo\x12\x31\n\x06routes\x18\x02 \x03(\x0b\x32!.strata.orchestrator.v1.RouteInfo\"Z\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\"=\n\tRouteInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x03(\t\"A\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xb7\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\nembeddings\x18\x03 \x03(\x0b\x32!.strata.orchestrator.v1.Embedding\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x16.strata.common.v1.Cost\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xa8\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12?\n\x04tags\x18\t \x03(\x0b\x32\x31.strata.orchestrator.v1.GenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\xc9\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x06 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.strata.common.v1.ToolCall\x12\x31\n\x0b\x63\x61\x63he_match\x18\t \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x33\n\tcitations\x18\n \x03(\x0b\x32 .strata.orchestrator.v1.Citation\x12\x32\n\x06prompt\x18\x0b \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\"X\n\x0bTemplateRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x84\x02\n\x11RetrievalSettings\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x01\x12*\n\x07max_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12V\n\x0fmetadata_filter\x18\x05 \x03(\x0b\x32=.strata.orchestrator.v1.RetrievalSettings.MetadataFilterEntry\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63hunk\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\"B\n\nPromptInfo\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x03 \x01(\t\"\xb4\x04\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.strata.common.v1.ChatMessage\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".strata.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0b\x32\x1d.strata.common.v1.CachePolicy\x12,\n\x08priority\x18\x06 \x01(\x0e\x32\x1a.strata.common.v1.Priority\x12 \n\x13max_cost_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05route\x18\x08 \x01(\t\x12\x45\n\x04tags\x18\t \x03(\x0b\x32\x37.strata.orchestrator.v1.StreamGenerateRequest.TagsEntry\x12\x35\n\x08template\x18\n \x01(\x0b\x32#.strata.orchestrator.v1.TemplateRef\x12<\n\tretrieval\x18\x0b \x01(\x0b\x32).strata.orchestrator.v1.RetrievalSettings\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_max_cost_usd_micros\"\x84\x06\n\x16StreamGenerateResponse\x12\x45\n\x05start\x18\x01 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.StartH\x00\x12\x45\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.DeltaH\x00\x12\x45\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x34.strata.orchestrator.v1.StreamGenerateResponse.FinalH\x00\x1a\xc6\x01\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x33\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x31\n\x0b\x63\x61\x63he_match\x18\x04 \x01(\x0e\x32\x1c.strata.common.v1.CacheMatch\x12\x32\n\x06prompt\x18\x05 \x01(\x0b\x32\".strata.orchestrator.v1.PromptInfo\x1aJ\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x33\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1f.strata.common.v1.ToolCallDelta\x1a\xf6\x01\n\x05\x46inal\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.strata.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.strata.common.v1.Usage\x12$\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x16.strata.common.v1.Cost\x12\x33\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1d.strata.common.v1.CacheStatus\x12\x33\n\tcitations\x18\x05 \x03(\x0b\x32 .strata.orchestrator.v1.CitationB\x07\n\x05\x63hunk2\xa2\x03\n\x13OrchestratorService\x12]\n\x08Generate\x12\'.strata.orchestrator.v1.GenerateRequest\x1a(.strata.orchestrator.v1.GenerateResponse\x12q\n\x0eStreamGenerate\x12-.strata.orchestrator.v1.StreamGenerateRequest\x1a..strata.orchestrator.v1.StreamGenerateResponse0\x01\x12\x63\n\nListModels\x12).strata.orchestrator.v1.ListModelsRequest\x1a*.strata.orchestrator.v1.ListModelsResponse\x12T\n\x05\x45mbed\x12$.strata.orchestrator.v1.EmbedRequest\x1a%.strata.orchestrator.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_options = b'8\001'
   _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_GENERATEREQUEST']._serialized_start=163
-  _globals['_GENERATEREQUEST']._serialized_end=715
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=648
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=691
-  _globals['_GENERATERESPONSE']._serialized_start=718
-  _globals['_GENERATERESPONSE']._serialized_end=1175
-  _globals['_TEMPLATEREF']._serialized_start=1177
-  _globals['_TEMPLATEREF']._serialized_end=1265
-  _globals['_RETRIEVALSETTINGS']._serialized_start=1268
-  _globals['_RETRIEVALSETTINGS']._serialized_end=1528
-  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_start=1475
-  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_end=1528
-  _globals['_CITATION']._serialized_start=1530
-  _globals['_CITATION']._serialized_end=1608
-  _globals['_PROMPTINFO']._serialized_start=1610
-  _globals['_PROMPTINFO']._serialized_end=1676
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=1679
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=2243
-  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_start=648
-  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_end=691
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=2246
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=3018
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=2486
-  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=2684
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=2686
-  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=2760
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=2763
-  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=3009
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3021
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3252
+  _globals['_LISTMODELSREQUEST']._serialized_start=162
+  _globals['_LISTMODELSREQUEST']._serialized_end=181
+  _globals['_LISTMODELSRESPONSE']._serialized_start=183
+  _globals['_LISTMODELSRESPONSE']._serialized_end=305
+  _globals['_MODELINFO']._serialized_start=307
+  _globals['_MODELINFO']._serialized_end=397
+  _globals['_ROUTEINFO']._serialized_start=399
+  _globals['_ROUTEINFO']._serialized_end=460
+  _globals['_EMBEDREQUEST']._serialized_start=462
+  _globals['_EMBEDREQUEST']._serialized_end=527
+  _globals['_EMBEDRESPONSE']._serialized_start=530
+  _globals['_EMBEDRESPONSE']._serialized_end=713
+  _globals['_EMBEDDING']._serialized_start=715
+  _globals['_EMBEDDING']._serialized_end=742
+  _globals['_GENERATEREQUEST']._serialized_start=745
+  _globals['_GENERATEREQUEST']._serialized_end=1297
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=1230
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=1273
+  _globals['_GENERATERESPONSE']._serialized_start=1300
+  _globals['_GENERATERESPONSE']._serialized_end=1757
+  _globals['_TEMPLATEREF']._serialized_start=1759
+  _globals['_TEMPLATEREF']._serialized_end=1847
+  _globals['_RETRIEVALSETTINGS']._serialized_start=1850
+  _globals['_RETRIEVALSETTINGS']._serialized_end=2110
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_start=2057
+  _globals['_RETRIEVALSETTINGS_METADATAFILTERENTRY']._serialized_end=2110
+  _globals['_CITATION']._serialized_start=2112
+  _globals['_CITATION']._serialized_end=2190
+  _globals['_PROMPTINFO']._serialized_start=2192
+  _globals['_PROMPTINFO']._serialized_end=2258
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=2261
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=2825
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_start=1230
+  _globals['_STREAMGENERATEREQUEST_TAGSENTRY']._serialized_end=1273
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=2828
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=3600
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_start=3068
+  _globals['_STREAMGENERATERESPONSE_START']._serialized_end=3266
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_start=3268
+  _globals['_STREAMGENERATERESPONSE_DELTA']._serialized_end=3342
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_start=3345
+  _globals['_STREAMGENERATERESPONSE_FINAL']._serialized_end=3591
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3603
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4021
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class OrchestratorServiceStub:
                 request_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateRequest.SerializeToString,
                 response_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/strata.orchestrator.v1.OrchestratorService/ListModels',
+                request_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/strata.orchestrator.v1.OrchestratorService/Embed',
+                request_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -74,6 +84,20 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the models and routes a request may name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds texts with an embedding model; admitted, charged and traced like Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,6 +110,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.StreamGenerate,
                     request_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateRequest.FromString,
                     response_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.FromString,
+                    response_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedRequest.FromString,
+                    response_serializer=strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -147,6 +181,60 @@ class OrchestratorService:
             '/strata.orchestrator.v1.OrchestratorService/StreamGenerate',
             strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateRequest.SerializeToString,
             strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.orchestrator.v1.OrchestratorService/ListModels',
+            strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.SerializeToString,
+            strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.orchestrator.v1.OrchestratorService/Embed',
+            strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedRequest.SerializeToString,
+            strata_dot_orchestrator_dot_v1_dot_orchestrator__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
