@@ -19,7 +19,7 @@ BREAKING_AGAINST ?= $(shell git merge-base HEAD origin/main 2>/dev/null \
 	|| git log --diff-filter=A --format=%H -- protos/buf.yaml 2>/dev/null | tail -1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack bench-cache bench-tracing clean node-client
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack test-resilience bench-cache bench-tracing clean node-client
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,9 +73,9 @@ fmt: $(INSTALLED) ## Format the code with ruff
 run: $(INSTALLED) ## Start the four services locally on the mock provider and stream an answer
 	@$(PY) -m strata_cli dev
 
-test: $(INSTALLED) $(NODE_INSTALLED) ## Run every test layer: unit, grpc, stack
-	@echo "==> tests: unit, grpc, stack (real Redis; a private redis-server when none answers)"
-	@$(PY) -m pytest tests/unit tests/grpc tests/stack
+test: $(INSTALLED) $(NODE_INSTALLED) ## Run every test layer: unit, grpc, stack, resilience
+	@echo "==> tests: unit, grpc, stack, resilience (real Redis; a private redis-server when none answers)"
+	@$(PY) -m pytest tests/unit tests/grpc tests/stack tests/resilience
 
 test-unit: $(INSTALLED) ## Unit tests only (no sockets)
 	@$(PY) -m pytest tests/unit
@@ -85,6 +85,9 @@ test-grpc: $(INSTALLED) ## Each service through real stubs
 
 test-stack: $(INSTALLED) $(NODE_INSTALLED) ## The four services as processes with Redis and an HTTP upstream
 	@$(PY) -m pytest tests/stack
+
+test-resilience: $(INSTALLED) ## Real faults: killed, paused and restarted processes, cut connections
+	@$(PY) -m pytest tests/resilience
 
 bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and lookup latency
 	@$(PY) -m bench.cache_quality
