@@ -16,10 +16,11 @@ configured providers (and to no-op ones in unit tests that configure nothing).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -508,6 +509,23 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
 
 def server_interceptors(service: str) -> list[Any]:
     return [_ServerTracing(service)]
+
+
+@contextlib.contextmanager
+def current_in_generator(span: Span, *, end: bool = True) -> Iterator[Span]:
+    """Makes `span` current for a block that yields (an async generator's body).
+
+    `trace.use_span` would detach in whatever context closes the generator, and a stream
+    closed from another task closes it there: detach only where the span was attached.
+    """
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    finally:
+        if trace.get_current_span() is span:
+            otel_context.detach(token)
+        if end:
+            span.end()
 
 
 def current_trace_id() -> str:

@@ -124,13 +124,14 @@ def _chat_span(execution: Execution) -> Any:
         attributes[semconv.GEN_AI_REQUEST_TOP_P] = params.top_p
     if params.HasField("seed"):
         attributes[semconv.GEN_AI_REQUEST_SEED] = params.seed
-    return telemetry.tracer(_SERVICE).start_as_current_span(
+    span = telemetry.tracer(_SERVICE).start_span(
         f"{semconv.OPERATION_CHAT} {request.model.name}",
         kind=SpanKind.CLIENT,
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     )
+    return telemetry.current_in_generator(span)
 
 
 def _metric_attributes(execution: Execution) -> dict[str, str]:

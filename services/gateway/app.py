@@ -44,6 +44,7 @@ from starlette.routing import Route
 from services.common import logs, telemetry
 from services.common.calls import open_channel
 from services.common.errors import STATUS_DETAILS_KEY
+from services.common.security import Trust
 from services.common.settings import load_settings
 from services.gateway.settings import GatewaySettings
 from strata.common.v1 import common_pb2
@@ -295,7 +296,9 @@ class Door:
 
     async def open(self) -> None:
         self._channel = open_channel(
-            self._settings.orchestrator_address, self._settings.max_message_bytes
+            self._settings.orchestrator_address,
+            self._settings.max_message_bytes,
+            Trust.of(self._settings, public=True),
         )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
@@ -463,7 +466,7 @@ class Door:
             return _event(payload)
 
         async def events() -> AsyncIterator[bytes]:
-            with trace.use_span(span, end_on_exit=False):
+            with telemetry.current_in_generator(span, end=False):
                 try:
                     yield chunk({"role": "assistant", "content": ""})
                     async for item in call:
