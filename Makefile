@@ -109,3 +109,24 @@ clean: ## Remove the virtualenv, local tools and run state
 .PHONY: validate-deploy
 validate-deploy: $(INSTALLED) ## Check deploy/k8s and docker-compose.yml against schemas and the code
 	@$(PY) -m pytest -q tests/unit/test_deploy.py
+
+.PHONY: certs
+CERTS_DIR ?= .run/certs
+CERT_SANS ?= DNS:localhost,IP:127.0.0.1,DNS:orchestrator,DNS:jobs,DNS:control,DNS:cache,DNS:executor,DNS:gateway
+certs: ## Development CA and a service certificate (server and client) for mutual TLS, in .run/certs
+	@mkdir -p $(CERTS_DIR)
+	@cd $(CERTS_DIR) && set -e; \
+	ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"; \
+	openssl req -x509 $$ec -days 3650 -subj "/CN=Strata development CA" \
+		-keyout ca-key.pem -out ca.pem 2>/dev/null; \
+	openssl req $$ec -subj "/CN=strata-service" -keyout service-key.pem -out service.csr 2>/dev/null; \
+	printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n' \
+		'$(CERT_SANS)' > service.ext; \
+	openssl x509 -req -in service.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 825 \
+		-extfile service.ext -out service.pem 2>/dev/null; \
+	rm -f service.csr service.ext ca.srl; chmod 600 ca-key.pem service-key.pem
+	@echo "==> $(CERTS_DIR): ca.pem, service.pem, service-key.pem (SANs $(CERT_SANS))"
+
+.PHONY: bench
+bench: $(INSTALLED) ## Gateway overhead vs the upstream and LiteLLM (BENCH_ARGS="--requests 20 --rounds 1" for a smoke run)
+	@$(PY) -m bench.gateway_overhead $(BENCH_ARGS)

@@ -25,7 +25,8 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ import redis.asyncio as redis
 from services.cache import guards
 from services.cache.scope import (
     check_scope,
+    check_store,
     entry_id,
     last_user_turn,
     redis_key,
@@ -43,8 +45,13 @@ from services.cache.scope import (
 from services.cache.stats import CacheStats
 from services.cache.vectors import Entry, VectorIndex
 from services.common.embeddings import Embedder
-from services.common.errors import FieldViolation, RequestInvalid
-from services.common.redis_state import redis_errors
+from services.common.errors import (
+    DependencyUnavailable,
+    FieldViolation,
+    RequestInvalid,
+    StrataError,
+)
+from services.common.redis_state import RedisOutage, redis_errors
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 POINT_NAMESPACE = uuid.UUID("6b7e6f2a-2f6e-4d58-9a77-5b6c0f4a1c10")
 VECTOR_MEMO = 10_000
 MAX_BATCH = 1000
+SEMANTIC_FAULTS = (TimeoutError, OSError, RuntimeError, ValueError, StrataError)
+"""What a failing or slow vector index or embedder raises: the semantic layer is skipped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,22 @@ class AnswerCache:
         self._stats = stats
         self._policy = policy
         self._vectors: OrderedDict[str, list[float]] = OrderedDict()
+        self._outage = RedisOutage("cache")
+
+    @contextmanager
+    def _answers(self) -> Iterator[None]:
+        """A read or write of answers in Redis: REDIS_UNAVAILABLE at once while Redis keeps
+        failing, else within the Redis timeout. The orchestrator takes a failed lookup as a
+        miss (cache status ERROR) and logs a failed store; the client never sees either."""
+        if self._outage.active:
+            raise DependencyUnavailable("redis")
+        try:
+            with redis_errors():
+                yield
+        except DependencyUnavailable:
+            self._outage.failed()
+            raise
+        self._outage.answered()
 
     # --- lookup ----------------------------------------------------------------------
 
@@ -109,7 +134,7 @@ class AnswerCache:
         check_scope(scope, messages)
         tenant = scope.tenant_id
         digest = entry_id(scope, messages)
-        with redis_errors():
+        with self._answers():
             stored = await self._redis.get(redis_key(tenant, digest))
         if isinstance(stored, bytes):
             self._stats.count(tenant, "exact_hits")
@@ -126,8 +151,11 @@ class AnswerCache:
         try:
             async with asyncio.timeout(self._policy.semantic_timeout_s):
                 found = await self._semantic(scope, messages, turn)
-        except (TimeoutError, OSError, RuntimeError, ValueError) as err:
-            log.warning("semantic lookup failed (%s); counting a miss", type(err).__name__)
+        except SEMANTIC_FAULTS as err:
+            # Qdrant (server or embedded) or the embedder failing or slow: a miss, never an
+            # error, and never slower than the bound.
+            log.warning("semantic lookup failed (%s); counting a miss", _fault(err))
+            self._stats.count(tenant, "semantic_failures")
             found = cache_pb2.LookupResponse()
         self._stats.count(
             tenant,
@@ -165,7 +193,7 @@ class AnswerCache:
                 self._stats.count(scope.tenant_id, f"guard:{rejection.guard}")
                 rejected_by = rejected_by or rejection.guard
                 continue
-            with redis_errors():
+            with self._answers():
                 stored = await self._redis.get(redis_key(scope.tenant_id, match.digest))
             if isinstance(stored, bytes):
                 return cache_pb2.LookupResponse(
@@ -196,7 +224,7 @@ class AnswerCache:
     async def store(self, request: cache_pb2.StoreRequest) -> str:
         """Stores the answer (Redis and the vector index); returns the entry id."""
         scope, messages = request.scope, request.messages
-        check_scope(scope, messages)
+        check_store(request)
         ttl_s = self._policy.default_ttl_s
         if request.HasField("ttl"):
             ttl_s = request.ttl.ToSeconds()
@@ -216,7 +244,7 @@ class AnswerCache:
             pipe.zadd(entries, {digest: now})
             pipe.hget(sizes, digest)
             pipe.hset(sizes, digest, len(body))
-            with redis_errors():
+            with self._answers():
                 replies: Any = await pipe.execute()
         previous = int(replies[2] or 0)
         with redis_errors():
@@ -227,24 +255,26 @@ class AnswerCache:
         if turn is not None:
             query = guards.normalize(messages[turn].content)
             try:
-                await self._index.upsert(
-                    [
-                        Entry(
-                            id=point_id(tenant, digest),
-                            vector=await self._vector(query),
-                            scope=semantic_scope(scope, messages, turn),
-                            tenant=tenant,
-                            model=scope.model,
-                            digest=digest,
-                            query=query,
-                            created_at=now,
-                            expires_at=now + ttl_s,
-                            doc_ids=tuple(sorted({d.id for d in scope.documents})),
-                        )
-                    ]
-                )
-            except (OSError, RuntimeError, ValueError) as err:
-                log.warning("vector index store failed (%s); exact reuse only", err)
+                async with asyncio.timeout(self._policy.semantic_timeout_s):
+                    await self._index.upsert(
+                        [
+                            Entry(
+                                id=point_id(tenant, digest),
+                                vector=await self._vector(query),
+                                scope=semantic_scope(scope, messages, turn),
+                                tenant=tenant,
+                                model=scope.model,
+                                digest=digest,
+                                query=query,
+                                created_at=now,
+                                expires_at=now + ttl_s,
+                                doc_ids=tuple(sorted({d.id for d in scope.documents})),
+                            )
+                        ]
+                    )
+            except SEMANTIC_FAULTS as err:
+                log.warning("vector index store failed (%s); exact reuse only", _fault(err))
+                self._stats.count(tenant, "semantic_failures")
         await self._enforce_caps(tenant)
         return digest
 
@@ -252,8 +282,8 @@ class AnswerCache:
         """Stores many answers; their questions are embedded in batches first."""
         if not 1 <= len(requests) <= MAX_BATCH:
             raise RequestInvalid.field("entries", f"1 to {MAX_BATCH} entries")
-        for request in requests:
-            check_scope(request.scope, request.messages)
+        for i, request in enumerate(requests):
+            check_store(request, f"entries[{i}].")
         queries = []
         for request in requests:
             turn = last_user_turn(request.messages)
@@ -298,8 +328,8 @@ class AnswerCache:
             await self._redis.hincrby(sizes, "total", -freed)
         try:
             await self._index.delete(ids=[point_id(tenant, d) for d in digests])
-        except (OSError, RuntimeError, ValueError) as err:
-            log.warning("vector index delete failed (%s); the points expire instead", err)
+        except SEMANTIC_FAULTS as err:
+            log.warning("vector index delete failed (%s); the points expire instead", _fault(err))
         return int(replies[1])
 
     # --- invalidation, audit, stats --------------------------------------------------
@@ -380,6 +410,13 @@ class AnswerCache:
     async def ping(self) -> None:
         """Raises unless Redis answers."""
         await self._redis.ping()
+
+
+def _fault(err: BaseException) -> str:
+    """A fault's name for the log (a StrataError by its reason; never a payload)."""
+    if isinstance(err, StrataError):
+        return err.reason
+    return type(err).__name__
 
 
 def _entries_key(tenant_id: str) -> str:

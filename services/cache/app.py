@@ -13,9 +13,10 @@ from services.cache.servicer import CacheAdminServicer, CacheServicer
 from services.cache.settings import CacheSettings
 from services.cache.stats import CacheStats
 from services.cache.vectors import EdgeIndex, QdrantIndex, VectorIndex
-from services.common.bootstrap import Service
+from services.common.bootstrap import Service, answered_once
 from services.common.embeddings import Embedder, LocalEmbedder
 from services.common.redis_state import connect
+from services.common.security import Trust
 from services.common.settings import ConfigError
 from services.common.tasks import cancel_and_wait
 from strata.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -32,7 +33,10 @@ async def _embedder(settings: CacheSettings) -> Embedder:
                 "STRATA_CACHE_EMBEDDING_MODEL"
             )
         return ExecutorEmbedder(
-            settings.executor_address, settings.embedding_model, settings.embedding_dimensions
+            settings.executor_address,
+            settings.embedding_model,
+            settings.embedding_dimensions,
+            Trust.of(settings),
         )
     # Loading and verifying the model takes a moment: keep the event loop free meanwhile.
     return await asyncio.to_thread(LocalEmbedder, threads=settings.embed_threads)
@@ -98,6 +102,8 @@ async def build(settings: CacheSettings) -> Service:
         name="cache",
         register=register,
         service_names=[SERVICE_NAME, ADMIN_SERVICE_NAME],
-        probes={"redis": cache.ping},
+        # A later Redis outage keeps the cache in rotation: lookups fail fast and count
+        # as misses.
+        probes={"redis": answered_once(cache.ping)},
         close=close,
     )

@@ -8,6 +8,7 @@ import grpc
 
 from services.common.calls import open_channel
 from services.common.errors import from_rpc_error
+from services.common.security import Trust
 from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 EMBED_TIMEOUT_S = 10.0
@@ -16,8 +17,10 @@ EMBED_TIMEOUT_S = 10.0
 class ExecutorEmbedder:
     """An Embedder backed by an embedding model configured at the executor."""
 
-    def __init__(self, address: str, model: str, dimensions: int) -> None:
-        self._channel = open_channel(address)
+    def __init__(
+        self, address: str, model: str, dimensions: int, trust: Trust | None = None
+    ) -> None:
+        self._channel = open_channel(address, trust=trust)
         self._stub = executor_pb2_grpc.ExecutorServiceStub(self._channel)
         self._model = model
         self.dimensions = dimensions

@@ -20,6 +20,13 @@ from collections.abc import Sequence
 
 from services.cache.guards import normalize
 from services.common.errors import FieldViolation, RequestInvalid
+from services.common.validation import (
+    MAX_MESSAGES,
+    TENANT_ID,
+    check_name,
+    is_duration_at_least,
+    is_finite_between,
+)
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 
@@ -119,19 +126,49 @@ def redis_key(tenant_id: str, digest: str) -> str:
     return f"strata:cache:exact:{tenant_id}:{digest}"
 
 
-def check_scope(scope: cache_pb2.CacheScope, messages: Sequence[object]) -> None:
-    """INVALID_ARGUMENT unless the scope names a tenant and a model and there are messages."""
+def check_scope(scope: cache_pb2.CacheScope, messages: Sequence[common_pb2.ChatMessage]) -> None:
+    """INVALID_ARGUMENT unless the scope names a tenant and a model and there are messages
+    (at most MAX_MESSAGES of known roles, names and parameters within bounds)."""
+    violations = _scope_violations(scope, messages)
+    if violations:
+        raise RequestInvalid(violations)
+
+
+def check_store(request: cache_pb2.StoreRequest, prefix: str = "") -> None:
+    """`check_scope`, and a TTL (when given) of at least one second and an answer with a
+    known finish reason; `prefix` names the entry inside a batch (`entries[3].`)."""
+    violations = _scope_violations(request.scope, request.messages)
+    if request.HasField("ttl") and not is_duration_at_least(request.ttl, 1_000_000_000):
+        violations.append(FieldViolation("ttl", "must be at least one second"))
+    if request.answer.finish_reason not in common_pb2.FinishReason.values():
+        violations.append(FieldViolation("answer.finish_reason", "must be a known reason"))
+    if violations:
+        raise RequestInvalid([FieldViolation(prefix + v.field, v.description) for v in violations])
+
+
+def _scope_violations(
+    scope: cache_pb2.CacheScope, messages: Sequence[common_pb2.ChatMessage]
+) -> list[FieldViolation]:
     violations = []
     if not scope.tenant_id:
         violations.append(FieldViolation("scope.tenant_id", "is required"))
-    if not scope.model:
-        violations.append(FieldViolation("scope.model", "is required"))
+    elif not TENANT_ID.fullmatch(scope.tenant_id):
+        violations.append(FieldViolation("scope.tenant_id", "must match [a-z0-9][a-z0-9_-]*"))
+    if violation := check_name(scope.model, "scope.model"):
+        violations.append(violation)
     if not messages:
         violations.append(FieldViolation("messages", "at least one message is required"))
-    if not 0 <= scope.semantic.min_similarity <= 1:
+    elif len(messages) > MAX_MESSAGES:
+        violations.append(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
+    elif any(m.role not in common_pb2.Role.values() for m in messages):
+        violations.append(FieldViolation("messages", "roles must be known"))
+    if not is_finite_between(scope.semantic.min_similarity, 0, 1):
         violations.append(FieldViolation("scope.semantic.min_similarity", "must be 0 to 1"))
+    params = scope.params
+    for name, high in (("temperature", 2.0), ("top_p", 1.0)):
+        if params.HasField(name) and not is_finite_between(getattr(params, name), 0, high):
+            violations.append(FieldViolation(f"scope.params.{name}", f"must be 0 to {high:g}"))
     for i, document in enumerate(scope.documents):
-        if not document.id:
-            violations.append(FieldViolation(f"scope.documents[{i}].id", "is required"))
-    if violations:
-        raise RequestInvalid(violations)
+        if violation := check_name(document.id, f"scope.documents[{i}].id"):
+            violations.append(violation)
+    return violations

@@ -35,8 +35,11 @@ class CacheSettings(ServiceSettings):
     """No semantic reuse above this temperature (unset counts as 1.0) unless allowed."""
     semantic_candidates: int = Field(default=5, ge=1, le=50)
     """How many nearest stored questions are checked by the guards."""
-    semantic_timeout_s: float = 0.5
-    """Longest a semantic lookup may take; past it the lookup is a miss."""
+    semantic_timeout_s: float = Field(default=0.3, gt=0)
+    """Longest the semantic layer (embedding and vector index) may take in a lookup or a
+    store; past it, or when Qdrant fails, the lookup is a miss (logged and counted as
+    `semantic_failures`) and a store keeps exact reuse only. Below the orchestrator's
+    cache_timeout_s, so a slow index never costs the request its exact lookup."""
     embedder: Literal["local", "executor"] = "local"
     """`local`: all-MiniLM-L6-v2 on the CPU, offline; `executor`: a provider's embeddings
     through the executor's Embed RPC (set executor_address and embedding_model)."""

@@ -31,6 +31,7 @@ cheap: 0.6 ms at 100k entries when a scope holds 1k of them, ~20 ms when it hold
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -48,6 +49,8 @@ from services.common.errors import DependencyUnavailable
 if TYPE_CHECKING:
     from qdrant_client.conversions.common_types import PointId as QdrantPointId
     from qdrant_edge import ConditionType as EdgeCondition
+
+log = logging.getLogger(__name__)
 
 KEYWORD_FIELDS = ("scope", "tenant", "model", "doc_ids")
 """Payload fields filtered by exact value (doc_ids is a list: a match on any element)."""
@@ -430,6 +433,8 @@ class QdrantIndex:
         self._timeout_s = timeout_s
         # Local mode runs in this process and ignores payload indexes (with a warning).
         self._local = url is None
+        self._prepared = False
+        self._preparing = asyncio.Lock()
         self._client = AsyncQdrantClient(
             url=url,
             location=location,
@@ -454,7 +459,26 @@ class QdrantIndex:
             raise
 
     async def start(self) -> None:
-        """Creates the collection and its payload indexes where missing (idempotent)."""
+        """Creates the collection and its payload indexes where missing (idempotent).
+
+        A server that does not answer yet is not fatal: the service starts without it
+        (semantic lookups miss, retrieval follows its failure policy) and every later call
+        first tries again to prepare the collection."""
+        try:
+            await self._ready()
+        except DependencyUnavailable as err:
+            log.warning("qdrant does not answer (%s); preparing the collection later", err)
+
+    async def _ready(self) -> None:
+        """Prepares the collection once; DependencyUnavailable while the server is away."""
+        if self._prepared:
+            return
+        async with self._preparing:
+            if not self._prepared:
+                await self._prepare()
+                self._prepared = True
+
+    async def _prepare(self) -> None:
         async with self._deadline():
             exists = await self._client.collection_exists(self._collection)
         if not exists:
@@ -495,6 +519,7 @@ class QdrantIndex:
 
     async def upsert(self, entries: Sequence[Entry]) -> None:
         """Stores the entries, PAGE per request, each applied before the next is sent."""
+        await self._ready()
         points = [
             models.PointStruct(
                 id=_point_id(entry.id),
@@ -513,6 +538,7 @@ class QdrantIndex:
         self, vector: Sequence[float], scope: str, now: float, limit: int
     ) -> list[Match]:
         """Nearest unexpired entries of `scope`."""
+        await self._ready()
         if limit <= 0:
             return []
         unexpired_in_scope = models.Filter(
@@ -547,6 +573,7 @@ class QdrantIndex:
         Each page is deleted by its ids *and* the conditions, so an entry that another
         writer replaced meanwhile by one that no longer matches is kept.
         """
+        await self._ready()
         selection = _Selection.of(
             tenant=tenant,
             model=model,
@@ -615,6 +642,7 @@ class QdrantIndex:
 
     async def count(self, tenant: str | None = None) -> int:
         """Entries stored (of one tenant, or all)."""
+        await self._ready()
         only_tenant = (
             None
             if tenant is None

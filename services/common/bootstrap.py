@@ -2,9 +2,11 @@
 
 Both build the same grpc.aio server: the service's handlers, the standard health service
 (NOT_SERVING until every dependency probe answers, and kept true by re-probing), server
-reflection, and a bound port (0 in tests). `run()` adds the signals: on SIGTERM or SIGINT
-health turns NOT_SERVING, open calls get `shutdown_grace_s` to finish, then the service's
-clients close.
+reflection, and a bound port (0 in tests). Interceptors guard every call: the internal
+token on internal services (`security`), the bound on calls in flight (`limits`), then
+tracing (`telemetry`). The port is plaintext or TLS as `security.Trust` says. `run()` adds
+the signals: on SIGTERM or SIGINT health turns NOT_SERVING, open calls get
+`shutdown_grace_s` to finish, then the service's clients close.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import logs, telemetry
+from services.common import limits, logs, security, telemetry
 from services.common.settings import ConfigError, ServiceSettings, load_settings
 from services.common.tasks import cancel_and_wait
 
@@ -33,6 +35,25 @@ Probe = Callable[[], Awaitable[object]]
 """Raises (or times out) when a dependency does not answer."""
 
 PROBE_TIMEOUT_S = 2.0
+
+
+def answered_once(probe: Probe) -> Probe:
+    """A probe that passes for good once `probe` has passed.
+
+    For a dependency the service degrades without (Redis: the cache misses, admission
+    falls back to per-process limits and refuses budgets, generation goes on without the
+    cache): SERVING waits for it at start-up, but a later outage keeps the service in
+    rotation instead of taking every replica out at once.
+    """
+    seen = False
+
+    async def check() -> None:
+        nonlocal seen
+        if not seen:
+            await probe()
+            seen = True
+
+    return check
 
 
 @dataclass
@@ -83,6 +104,7 @@ class RunningServer:
         self._watch = asyncio.create_task(self._watch_health(), name=f"{service.name}-health")
         self._stopped = False
         self.telemetry: telemetry.Telemetry | None = None
+        self.inflight: limits.InflightLimit | None = None
 
     async def _watch_health(self) -> None:
         names = ["", *self.service.service_names]
@@ -140,6 +162,7 @@ async def _failed_probes(probes: Mapping[str, Probe]) -> list[str]:
 
 async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     """Builds, binds and starts the server; health turns SERVING once the probes pass."""
+    trust, internal = security.server_trust(settings, service.name)
     made = telemetry.configure(
         service.name,
         otlp_endpoint=settings.otlp_endpoint,
@@ -151,8 +174,17 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
         capture_content=settings.capture_content,
         content_max_bytes=settings.content_max_bytes,
     )
+    inflight = limits.inflight_limit(
+        settings.max_inflight, internal, settings.batch_share, settings.overload_retry_after_s
+    )
+    guards: list[Any] = []
+    if internal and trust.token:
+        guards.append(security.InternalTokenCheck(trust.token))
+    guards.append(limits.InflightBound(inflight))
     server = grpc.aio.server(
-        options=server_options(settings), interceptors=telemetry.server_interceptors(service.name)
+        options=server_options(settings),
+        interceptors=[*guards, *telemetry.server_interceptors(service.name)],
+        maximum_concurrent_rpcs=limits.hard_bound(inflight.limit),
     )
     service.register(server)
     health_servicer = health.aio.HealthServicer()
@@ -162,7 +194,12 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     reflection.enable_server_reflection(
         [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = trust.server_credentials(require_client_auth=internal)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"{service.name}: cannot bind {settings.host}:{settings.port}")
     await server.start()
@@ -170,6 +207,7 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
         _write_atomically(settings.port_file, f"{port}\n")
     running = RunningServer(server, service, health_servicer, port, settings)
     running.telemetry = made
+    running.inflight = inflight
     return running
 
 

@@ -1,11 +1,18 @@
 """Calls from one Strata service to another: channels, deadlines, metadata.
 
 A process opens one channel per downstream address and reuses it for every call. Each call
-carries what remains of the caller's deadline and the request id.
+carries what remains of the caller's deadline and the request id, and, when configured, the
+internal token over mutual TLS (`security.Trust`).
+
+A call that fails with UNAVAILABLE is retried by gRPC (at most 3 attempts, 50 ms backoff
+doubling to 500 ms, within the call's deadline) only for the methods in `IDEMPOTENT`:
+reads, and Admit/Settle, which are idempotent by request id. Everything else, and above all
+a stream of generated text (StreamComplete), is never retried by the channel.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import telemetry
+from services.common import security, telemetry
 from services.common.errors import DeadlineExceeded
 
 REQUEST_ID_KEY = "x-request-id"
@@ -27,23 +34,68 @@ so, a cancelled call leaves its admission reserved for that rerun instead of set
 so the work is charged once, by the run that finishes it."""
 
 
-def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.aio.Channel:
-    """A channel to another service, meant to live as long as the process."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.enable_retries", 0),
-            # Spread calls over every address a name resolves to (dns:/// of a headless
-            # Service); the same as pick_first when there is one.
-            ("grpc.lb_policy_name", "round_robin"),
+IDEMPOTENT: dict[str, tuple[str, ...]] = {
+    "strata.control.v1.ControlService": ("Admit", "Settle", "CheckOutput", "Authenticate"),
+    "strata.control.v1.ControlAdminService": ("ListApiKeys", "GetUsage", "ListBreakers"),
+    "strata.cache.v1.CacheService": ("Lookup",),
+    "strata.cache.v1.CacheAdminService": ("GetStats",),
+    "strata.executor.v1.ExecutorService": ("ListModels",),
+    "strata.orchestrator.v1.OrchestratorService": ("ListModels",),
+    "strata.orchestrator.v1.JobService": ("GetJob", "ListJobs"),
+    "strata.orchestrator.v1.TraceService": ("GetTrace",),
+    "grpc.health.v1.Health": ("Check",),
+}
+"""Methods that the channel retries on UNAVAILABLE, by service."""
+
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": service, "method": method}
+                    for service, methods in IDEMPOTENT.items()
+                    for method in methods
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
         ],
-        interceptors=telemetry.client_interceptors(),
-    )
+        # A token bucket: after a run of failures the channel stops retrying until calls
+        # succeed again, so a service that is down gets no retry storm.
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
+
+def open_channel(
+    address: str,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    trust: security.Trust | None = None,
+) -> grpc.aio.Channel:
+    """A channel to another service, meant to live as long as the process; `trust` adds
+    TLS (with this process's certificate) and the internal token when they are set."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", SERVICE_CONFIG),
+        # Spread calls over every address a name resolves to (dns:/// of a headless
+        # Service); the same as pick_first when there is one.
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+    interceptors = [*security.client_interceptors(trust), *telemetry.client_interceptors()]
+    credentials = trust.channel_credentials() if trust is not None else None
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 class Deadline:

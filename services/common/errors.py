@@ -10,6 +10,7 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     │                                                     PROMPT_TOO_LARGE, TEMPLATE_INVALID
     ├── ApiKeyInvalid                 UNAUTHENTICATED     API_KEY_INVALID
     ├── AdminTokenInvalid             UNAUTHENTICATED     ADMIN_TOKEN_INVALID
+    ├── InternalTokenInvalid          UNAUTHENTICATED     INTERNAL_TOKEN_INVALID
     ├── RequestInProgress             ABORTED             REQUEST_IN_PROGRESS
     ├── IdempotencyKeyReused          FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED
     ├── ModelNotFound                 NOT_FOUND           MODEL_NOT_FOUND
@@ -23,6 +24,7 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     ├── RateLimited                   RESOURCE_EXHAUSTED  RATE_LIMITED (+ RetryInfo)
     ├── RequestExceedsLimit           RESOURCE_EXHAUSTED  REQUEST_EXCEEDS_LIMIT
     ├── ConcurrencyLimited            RESOURCE_EXHAUSTED  CONCURRENCY_LIMITED (+ RetryInfo)
+    ├── Overloaded                    RESOURCE_EXHAUSTED  OVERLOADED (+ RetryInfo)
     ├── BudgetExceeded                RESOURCE_EXHAUSTED  BUDGET_EXCEEDED (+ RetryInfo)
     ├── CostCeilingExceeded           INVALID_ARGUMENT    COST_CEILING_EXCEEDED
     ├── ModelsUnavailable             UNAVAILABLE         MODELS_UNAVAILABLE (+ RetryInfo)
@@ -40,6 +42,7 @@ apply, `RetryInfo` and `BadRequest`. Handlers raise these classes; `unary_handle
     │   ├── BadUpstreamResponse       UNAVAILABLE         BAD_UPSTREAM_RESPONSE
     │   └── StreamInterrupted         UNAVAILABLE         STREAM_INTERRUPTED          r
     ├── DependencyUnavailable         UNAVAILABLE         <NAME>_UNAVAILABLE
+    ├── BudgetUnverifiable            UNAVAILABLE         BUDGET_UNVERIFIABLE (+ RetryInfo)
     ├── DeadlineExceeded              DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
     └── DownstreamError               (as received)       (as received)
 
@@ -216,6 +219,21 @@ class ConcurrencyLimited(_RetryAfter):
         )
 
 
+class Overloaded(_RetryAfter):
+    """The process already runs as many calls as it may (batch: its share of them); the
+    call was refused before any work, and RetryInfo says when to try again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+
+    def __init__(self, limit: int, priority: str, retry_after_s: float) -> None:
+        super().__init__(
+            f"the server already runs its {limit} concurrent {priority} calls; retry later",
+            retry_after_s=retry_after_s,
+            metadata={"limit": "max_inflight", "limit_value": str(limit), "priority": priority},
+        )
+
+
 class BudgetExceeded(_RetryAfter):
     """The request's worst-case cost does not fit a budget; RetryInfo says when it renews."""
 
@@ -386,6 +404,21 @@ class DependencyUnavailable(StrataError):
             message or f"{dependency} is unavailable",
             reason=f"{dependency.upper()}_UNAVAILABLE",
             metadata={"dependency": dependency},
+        )
+
+
+class BudgetUnverifiable(_RetryAfter):
+    """A budget applies (or may apply) but its ledger in Redis does not answer: admission
+    fails closed rather than spend money it cannot count; RetryInfo says when to try again."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BUDGET_UNVERIFIABLE"
+
+    def __init__(self, holders: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(
+            "the budget cannot be checked while its ledger is unavailable; retry later",
+            retry_after_s=retry_after_s,
+            metadata={"dependency": "redis", "holders": holders},
         )
 
 
@@ -590,6 +623,13 @@ class AdminTokenInvalid(StrataError):
 
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "ADMIN_TOKEN_INVALID"
+
+
+class InternalTokenInvalid(StrataError):
+    """A call to an internal service lacks the shared internal token (or has another)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "INTERNAL_TOKEN_INVALID"
 
 
 class RequestInProgress(StrataError):

@@ -1,15 +1,33 @@
-"""The Redis client every stateful service uses: bounded calls, one pool per process."""
+"""The Redis client every stateful service uses: bounded calls, one pool per process.
+
+Every command gives up after the service's `redis_timeout_s` (connecting included), so a
+Redis that is down, paused or cut off costs a call tens to hundreds of milliseconds, never
+a hang. A broken connection (Redis restarted, a connection reset) is dropped and the
+command is sent once more on a fresh one, at once: a restarted Redis is used again by the
+next call, with no restart of the service. A timed-out command is not sent again (it may
+have run; the caller decides). `RedisOutage` lets a caller skip Redis for a moment after a
+failure instead of having every request wait out the timeout.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import DependencyUnavailable
+
+log = logging.getLogger(__name__)
+
+HEALTH_CHECK_INTERVAL_S = 30
+"""A connection idle this long is pinged before use (a dead one is replaced)."""
 
 
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redis:
@@ -19,7 +37,10 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redi
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         max_connections=max_connections,
-        health_check_interval=30,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        # redis-py's default retries 3 times with up to seconds of backoff, timeouts
+        # included: a blackholed Redis would hold each call for many times its bound.
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         decode_responses=False,
     )
 
@@ -31,3 +52,47 @@ def redis_errors() -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as err:
         raise DependencyUnavailable("redis") from err
+
+
+class RedisOutage:
+    """Remembers that Redis keeps failing, so calls skip it for `retry_after_s` and take
+    their degraded path at once; the first call after that tries Redis again (and so
+    notices it is back). One slow command is not an outage: skipping starts after
+    `failures` failed calls in a row. Process-local; a cheap check on the happy path."""
+
+    def __init__(self, service: str, retry_after_s: float = 1.0, failures: int = 3) -> None:
+        self._service = service
+        self._retry_after_s = retry_after_s
+        self._threshold = failures
+        self._failures = 0
+        self._skip_until = 0.0
+        self._since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether Redis failed less than `retry_after_s` ago (skip it)."""
+        return time.monotonic() < self._skip_until
+
+    @property
+    def ongoing(self) -> bool:
+        """Whether the last call to Redis failed (and none answered since)."""
+        return self._since is not None
+
+    def failed(self) -> None:
+        """A call to Redis failed or timed out."""
+        now = time.monotonic()
+        self._failures += 1
+        if self._failures >= self._threshold:
+            self._skip_until = now + self._retry_after_s
+        if self._since is None:
+            self._since = now
+            log.warning("%s: Redis does not answer; degraded until it does", self._service)
+
+    def answered(self) -> None:
+        """A call to Redis succeeded."""
+        self._failures = 0
+        if self._since is not None:
+            down_s = time.monotonic() - self._since
+            log.warning("%s: Redis answers again after %.1f s", self._service, down_s)
+            self._since = None
+            self._skip_until = 0.0

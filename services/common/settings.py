@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,33 @@ class ServiceSettings(BaseSettings):
     records. Off by default: traces often leave the company."""
     content_max_bytes: int = 4096
     """Captured content is cut past this many bytes (and flagged as cut)."""
+    max_inflight: int | None = Field(default=None, ge=1)
+    """Calls this process runs at once (a stream counts until it ends); past it a call is
+    refused at once with RESOURCE_EXHAUSTED/OVERLOADED and a retry delay. Unset: 256 for
+    the orchestrator, 1024 for control, cache and executor (they serve every orchestrator)."""
+    batch_share: float = Field(default=0.8, gt=0, le=1)
+    """Share of `max_inflight` that batch-priority calls may fill, so that batch is refused
+    before interactive calls are."""
+    overload_retry_after_s: float = Field(default=1.0, gt=0)
+    """Retry delay sent with an OVERLOADED refusal."""
+    internal_token: SecretStr | None = None
+    """Shared secret of Strata's own services: control, cache and executor refuse calls
+    whose `x-strata-internal` metadata is not this token (health, reflection and the admin
+    APIs, which have their own token, stay open); the orchestrator, gateway and cache send
+    it on every call. Unset: no token is asked for or sent."""
+    tls_cert_file: Path | None = None
+    """PEM certificate this process presents, as a server and as a client (mutual TLS).
+    Set together with `tls_key_file` and `tls_ca_file`; unset: plaintext."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+    tls_ca_file: Path | None = None
+    """PEM CA bundle that peers' certificates must chain to: internal services require a
+    client certificate signed by it, clients verify servers against it."""
+    public_tls: bool = False
+    """Whether the orchestrator's public port uses TLS too: the orchestrator serves it with
+    the certificate above (asking clients for none), the gateway connects with it. Off: the
+    public port stays plaintext, for TLS at the ingress; the internal services still require
+    mutual TLS when the certificates are set."""
 
 
 class ConfigError(Exception):

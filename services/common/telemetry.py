@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -36,7 +37,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common import semconv
-from services.common.errors import StrataError
+from services.common.errors import RequestInvalid, StrataError
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +415,31 @@ def client_interceptors() -> list[Any]:
     return [_UnaryUnaryTracing(), _UnaryStreamTracing()]
 
 
+class _Undecodable:
+    """A request whose bytes are not the method's message (e.g. strings of bad UTF-8)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self) -> StrataError:
+        return RequestInvalid.field("request", f"is not a valid message: {self.problem}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, turning a parse failure into INVALID_ARGUMENT (grpc would
+    answer UNKNOWN, naming the message type)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as err:
+            return _Undecodable("bad UTF-8" if "UTF-8" in str(err) else "cannot be parsed")
+
+    return parse
+
+
 class _ServerTracing(grpc.aio.ServerInterceptor):
     """Opens each call's SERVER span under the caller's trace context."""
 
@@ -459,7 +485,13 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                 token = otel_context.attach(trace.set_span_in_context(span))
                 err: BaseException | None = None
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error()
                     return await inner(request, context)
+                except StrataError as caught:
+                    # (only an undecodable request's error reaches here: handlers map theirs)
+                    err = caught
+                    await context.abort_with_status(caught.to_status())
                 except BaseException as caught:
                     err = caught
                     raise
@@ -472,7 +504,7 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -483,6 +515,9 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                 token = otel_context.attach(trace.set_span_in_context(span))
                 err: BaseException | None = None
                 try:
+                    if isinstance(request, _Undecodable):
+                        err = request.error()
+                        await context.abort_with_status(err.to_status())
                     result = inner_stream(request, context)
                     if inspect.isawaitable(result):
                         await result
@@ -501,7 +536,7 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

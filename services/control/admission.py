@@ -23,6 +23,27 @@ settlement corrects the charge to the real cost. A request id settled and then a
 (a retry after a failure) is a new admission, charged on its own; the request counts once.
 Periods (UTC day and month) follow Redis
 server time: the scripts refuse keys named after another period and the caller renames them.
+
+When Redis does not answer (down, paused, cut off: each call is bounded by the Redis
+timeout, and after a few failures in a row Redis is skipped for a moment, see
+`RedisOutage`), admission degrades instead of failing:
+
+- keys are authenticated from the records this process last read (at most `outage_grace_s`
+  old); an unknown key is refused REDIS_UNAVAILABLE;
+- budgets fail closed: a request of a key, team or tenant with any budget, or whose policy
+  this process has not read recently, is refused UNAVAILABLE/BUDGET_UNVERIFIABLE (no spend
+  that cannot be counted);
+- the other requests pass a per-process limiter (`LocalLimiter`: the same requests and tokens
+  per minute and burst, from the policy last read, which each admission refreshes in its
+  pipeline every POLICY_REFRESH_S; so N replicas may together admit up to N times a limit),
+  counted in `strata.ratelimit.local_fallbacks`; breakers, model limits and the tenant's
+  concurrency cap are not consulted (every candidate is planned, none as a probe), nothing
+  is reserved and the admission number is 0;
+- a settlement that Redis cannot take is kept in memory (at most MAX_DEFERRED) and written
+  by the sweeper once Redis answers (attempts' breaker records dropped): Settle answers
+  `applied=false` instead of failing; a process that stops first loses them, and reserved
+  requests then expire into their worst case. Admission number 0 settles the reservation
+  the request id holds (an admit that timed out but ran), else counts the usage on its own.
 """
 
 from __future__ import annotations
@@ -31,19 +52,24 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as redis
+from opentelemetry.metrics import Counter
 
 from services.common import semconv, telemetry
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import (
+    ApiKeyInvalid,
     BudgetExceeded,
+    BudgetUnverifiable,
     ConcurrencyLimited,
     CostCeilingExceeded,
+    DependencyUnavailable,
     FieldViolation,
     GuardrailBlocked,
     ModelNotFound,
@@ -54,9 +80,17 @@ from services.common.errors import (
     StrataError,
 )
 from services.common.guardrails import Action, Guardrails, Verdict
-from services.common.redis_state import redis_errors
-from services.common.validation import check_request_id
-from services.control.keys import TENANTS_SET, KeyRecord, KeyStore, tenant_tag, valid_id
+from services.common.redis_state import RedisOutage, redis_errors
+from services.common.validation import MAX_TOKENS, check_name, check_request_id
+from services.control.keys import (
+    KEY_PREFIX,
+    TENANTS_SET,
+    KeyRecord,
+    KeyStore,
+    hash_key,
+    tenant_tag,
+    valid_id,
+)
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 
@@ -65,6 +99,17 @@ log = logging.getLogger(__name__)
 BATCH_SHARE = 0.8
 """Batch requests may use this share of any limit or budget; the rest is kept for people."""
 GUARDRAIL_STREAM_LENGTH = 10_000
+POLICY_REFRESH_S = 5.0
+"""How often an admission also reads its tenant's policy (same pipeline), for degraded mode."""
+MAX_DEFERRED = 10_000
+"""Settlements kept in memory while Redis does not answer; past it Settle fails."""
+METRIC_LOCAL_FALLBACKS = "strata.ratelimit.local_fallbacks"
+MAX_CANDIDATES = 32
+"""Models one admission may plan over."""
+MAX_ATTEMPTS = 64
+"""Attempts one settlement may report (retries and fallbacks of one request)."""
+MAX_COUNT = 2**53 - 1
+"""The largest token count or cost a settlement may report: Lua numbers are doubles."""
 _OUTCOMES = {
     control_pb2.OUTCOME_SUCCESS: "success",
     control_pb2.OUTCOME_FAILURE: "failure",
@@ -174,6 +219,69 @@ def finding_protos(verdict: Verdict, text_to_message: Sequence[int] | None) -> l
     ]
 
 
+class LocalLimiter:
+    """The admit script's per-minute limits (GCRA, burst, batch share) in process memory,
+    for while Redis does not answer. Each process counts alone; tokens are never given back
+    (settlement does that in Redis only), so it errs on the strict side."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._tat: dict[str, float] = {}
+        self._max_entries = max_entries
+
+    def admit(self, key: KeyRecord, policy: dict[str, str], tokens: int, batch: bool) -> None:
+        """Takes one request and its tokens, or raises RATE_LIMITED / REQUEST_EXCEEDS_LIMIT."""
+        now = time.monotonic()
+        share = BATCH_SHARE if batch else 1.0
+        burst_s = _number(policy.get("tenant:burst_s")) or 60.0
+        base = f"{key.tenant_id}:"
+        checks = (
+            (f"{base}key:{key.key_id}:req", f"key:{key.key_id}:rpm", 1, "key", "requests"),
+            (f"{base}key:{key.key_id}:tok", f"key:{key.key_id}:tpm", tokens, "key", "tokens"),
+            (f"{base}tenant:req", "tenant:rpm", 1, "tenant", "requests"),
+            (f"{base}tenant:tok", "tenant:tpm", tokens, "tenant", "tokens"),
+        )
+        taken: list[tuple[str, float]] = []
+        for name, field_name, quantity, scope, what in checks:
+            per_minute = int(_number(policy.get(field_name)))
+            if per_minute <= 0:
+                continue
+            limit = f"{what}_per_minute"
+            if quantity > per_minute:
+                raise RequestExceedsLimit(scope, limit, per_minute)
+            interval = 60.0 / per_minute
+            tat = max(self._tat.get(name, now), now)
+            new_tat = tat + interval * quantity
+            allowed = new_tat - max(burst_s * share, interval * quantity)
+            if allowed > now:
+                raise RateLimited(
+                    f"{limit} limit of the {scope} reached",
+                    retry_after_s=allowed - now,
+                    metadata={"scope": scope, "limit": limit, "limit_value": str(per_minute)},
+                )
+            taken.append((name, new_tat))
+        if len(self._tat) > self._max_entries:
+            self._tat = {n: t for n, t in self._tat.items() if t > now}
+        self._tat.update(taken)
+
+
+def budgets_that_apply(policy: dict[str, str], key: KeyRecord) -> list[str]:
+    """The budgets (holder:period) of a policy that bind a key's requests."""
+    holders = ["tenant", f"key:{key.key_id}"] + ([f"team:{key.team_id}"] if key.team_id else [])
+    return [
+        f"{holder}:{period}"
+        for holder in holders
+        for period in ("day", "month", "total")
+        if _number(policy.get(f"{holder}:budget:{period}")) > 0
+    ]
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
 class AdmissionControl:
     """Admits requests and settles what they used."""
 
@@ -185,6 +293,7 @@ class AdmissionControl:
         guardrails: Guardrails,
         reservation_ttl_s: int,
         settlement_ttl_s: int,
+        outage_grace_s: float = 900.0,
     ) -> None:
         self._keys = keys
         self._redis = client
@@ -197,14 +306,48 @@ class AdmissionControl:
         self._expire = client.register_script(_script("common.lua", "expire.lua"))
         self._breaker = client.register_script(_script("breaker.lua"))
         self._release_script = client.register_script(_script("common.lua", "release.lua"))
+        # Degraded mode (see the module docstring): what was last read from Redis.
+        self._outage = RedisOutage("control")
+        self._outage_grace_s = outage_grace_s
+        self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
+        self._policies: dict[str, tuple[dict[str, str], float]] = {}
+        self._local = LocalLimiter()
+        self._deferred: deque[control_pb2.SettleRequest] = deque()
+        self._fallbacks: tuple[object, Counter] | None = None
 
     # --- admission -------------------------------------------------------------------
 
     async def authenticate(self, api_key: str, api_key_sha256: str = "") -> KeyRecord:
-        """The key's record (by the key, or its hash); API_KEY_INVALID when unknown or revoked."""
-        if api_key_sha256 and not api_key:
-            return await self._keys.authenticate_hash(api_key_sha256)
-        return await self._keys.authenticate(api_key)
+        """The key's record (by the key, or its hash); API_KEY_INVALID when unknown or revoked.
+
+        While Redis does not answer: the record this process last read, if recent enough."""
+        by_hash = bool(api_key_sha256 and not api_key)
+        digest = api_key_sha256 if by_hash else ""
+        if not by_hash and api_key.startswith(KEY_PREFIX):
+            digest = hash_key(api_key)
+        if self._outage.active and digest in self._known_keys:
+            return self._last_known(digest)
+        try:
+            if by_hash:
+                record = await self._keys.authenticate_hash(api_key_sha256)
+            else:
+                record = await self._keys.authenticate(api_key)
+        except DependencyUnavailable:
+            self._outage.failed()
+            return self._last_known(digest)
+        except ApiKeyInvalid:
+            self._known_keys.pop(digest, None)
+            raise
+        if len(self._known_keys) > 100_000:
+            self._known_keys.clear()
+        self._known_keys[digest] = (record, time.monotonic())
+        return record
+
+    def _last_known(self, digest: str) -> KeyRecord:
+        known = self._known_keys.get(digest)
+        if known is None or time.monotonic() - known[1] > self._outage_grace_s:
+            raise DependencyUnavailable("redis")
+        return known[0]
 
     async def admit(self, request: control_pb2.AdmitRequest) -> Admission:
         """Authenticates, checks guardrails, plans, enforces limits and budgets, reserves."""
@@ -227,7 +370,14 @@ class AdmissionControl:
         cost = max(c for _, c in priced)
         batch = request.priority == common_pb2.PRIORITY_BATCH
 
-        checks, admitted = await self._run_admission(request, key, priced, tokens, cost, batch)
+        if self._outage.active:
+            return self._admit_locally(key, priced, tokens, batch, profile, findings, redacted)
+        try:
+            checks, admitted = await self._run_admission(request, key, priced, tokens, cost, batch)
+        except DependencyUnavailable:
+            self._outage.failed()
+            return self._admit_locally(key, priced, tokens, batch, profile, findings, redacted)
+        self._outage.answered()
         made = telemetry.instruments("control")
         for (model, _), check in zip(priced, checks, strict=True):
             # 0 closed, 1 open, 2 half open (this request probes); a model skipped for its
@@ -262,6 +412,53 @@ class AdmissionControl:
             findings=findings,
             redacted=redacted,
         )
+
+    def _admit_locally(
+        self,
+        key: KeyRecord,
+        priced: list[tuple[ModelConfig, int]],
+        tokens: int,
+        batch: bool,
+        profile: str,
+        findings: list[control_pb2.GuardrailFinding],
+        redacted: list[common_pb2.ChatMessage] | None,
+    ) -> Admission:
+        """Admission while Redis does not answer: budgets fail closed, limits per process."""
+        known = self._policies.get(key.tenant_id)
+        if known is None or time.monotonic() - known[1] > self._outage_grace_s:
+            self._count_fallback("budget_unverifiable")
+            raise BudgetUnverifiable("unknown")
+        if budgets := budgets_that_apply(known[0], key):
+            self._count_fallback("budget_unverifiable")
+            raise BudgetUnverifiable(",".join(budgets))
+        try:
+            self._local.admit(key, known[0], tokens, batch)
+        except StrataError:
+            self._count_fallback("rate_limited")
+            raise
+        self._count_fallback("admitted")
+        return Admission(
+            key=key,
+            plan=[(model.name, False) for model, _ in priced],
+            reserved_tokens=0,
+            reserved_cost=0,
+            profile=profile,
+            number=0,
+            findings=findings,
+            redacted=redacted,
+        )
+
+    def _count_fallback(self, outcome: str) -> None:
+        made = telemetry.of("control")
+        if self._fallbacks is None or self._fallbacks[0] is not made:
+            counter = made.meter_provider.get_meter("strata.control").create_counter(
+                METRIC_LOCAL_FALLBACKS,
+                unit="{request}",
+                description="Admissions decided without Redis (per-process limits; budgets "
+                "refused)",
+            )
+            self._fallbacks = (made, counter)
+        self._fallbacks[1].add(1, {semconv.OUTCOME: outcome})
 
     def _candidates(self, request: control_pb2.AdmitRequest) -> list[ModelConfig]:
         names = list(request.candidates) or [request.model]
@@ -310,6 +507,9 @@ class AdmissionControl:
     ) -> tuple[list[Any], list[Any]]:
         names = TenantKeys(key.tenant_id)
         day, month = periods()
+        known = self._policies.get(key.tenant_id)
+        # The policy rides along (no extra round trip) now and then, for degraded mode.
+        read_policy = known is None or time.monotonic() - known[1] > POLICY_REFRESH_S
         for _ in range(3):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for model, _ in priced:
@@ -318,6 +518,8 @@ class AdmissionControl:
                         args=["check", int(batch), BATCH_SHARE, tokens, 0, *_breaker_args(model)],
                         client=pipe,
                     )
+                if read_policy:
+                    pipe.hgetall(names.policy)
                 await self._admit(
                     keys=[
                         names.policy,
@@ -348,9 +550,14 @@ class AdmissionControl:
                 )
                 with redis_errors():
                     results = await pipe.execute()
+            if read_policy:
+                policy = {_text(k): _text(v) for k, v in results[len(priced)].items()}
+                if len(self._policies) > 100_000:
+                    self._policies.clear()
+                self._policies[key.tenant_id] = (policy, time.monotonic())
             admitted = results[-1]
             if admitted[0] != -1:
-                return results[:-1], admitted
+                return results[: len(priced)], admitted
             day, month = int(admitted[1]), int(admitted[2])
         raise StrataError("the UTC period kept changing during admission")
 
@@ -389,8 +596,55 @@ class AdmissionControl:
     # --- settlement ------------------------------------------------------------------
 
     async def settle(self, request: control_pb2.SettleRequest) -> bool:
-        """Records what a request used, once; True when this call recorded it."""
+        """Records what a request used, once; True when this call recorded it.
+
+        While Redis does not answer the settlement is kept and written later (False)."""
         _check_settle(request)
+        if self._outage.active:
+            return self._defer(request)
+        try:
+            applied = await self._settle_now(request)
+        except DependencyUnavailable:
+            self._outage.failed()
+            return self._defer(request)
+        self._outage.answered()
+        return applied
+
+    def _defer(self, request: control_pb2.SettleRequest) -> bool:
+        if len(self._deferred) >= MAX_DEFERRED:
+            raise DependencyUnavailable("redis")
+        kept = control_pb2.SettleRequest()
+        kept.CopyFrom(request)
+        # Breaker records would be stale by the time Redis answers.
+        del kept.attempts[:]
+        self._deferred.append(kept)
+        log.warning(
+            "settlement of %s kept until Redis answers (%d waiting)",
+            request.request_id,
+            len(self._deferred),
+        )
+        return False
+
+    async def write_deferred(self) -> int:
+        """Writes the settlements kept while Redis did not answer; returns how many."""
+        written = 0
+        while self._deferred:
+            request = self._deferred[0]
+            try:
+                await self._settle_now(request)
+            except DependencyUnavailable:
+                self._outage.failed()
+                break
+            except StrataError as err:
+                log.error("kept settlement of %s dropped (%s)", request.request_id, err.reason)
+            self._deferred.popleft()
+            written += 1
+        if written:
+            self._outage.answered()
+            log.warning("wrote %d settlements kept while Redis did not answer", written)
+        return written
+
+    async def _settle_now(self, request: control_pb2.SettleRequest) -> bool:
         async with self._redis.pipeline(transaction=False) as pipe:
             for attempt in request.attempts:
                 model = self._catalog.get(attempt.model)
@@ -520,6 +774,7 @@ class AdmissionControl:
         """Sweeps forever (every replica may: the expiry script is atomic and idempotent)."""
         while True:
             try:
+                await self.write_deferred()
                 if charged := await self.sweep():
                     log.warning("charged %d expired reservations", charged)
             except StrataError as err:
@@ -553,10 +808,19 @@ class AdmissionControl:
         phase: str,
         findings: Sequence[control_pb2.GuardrailFinding],
     ) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            _add_findings(pipe, tenant_id, request_id, phase, findings)
-            with redis_errors():
-                await pipe.execute()
+        # Findings are a record, not a decision: losing them to an outage is logged, and the
+        # request is not failed for it.
+        if self._outage.active:
+            log.warning("guardrail findings of %s not recorded (Redis unavailable)", request_id)
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                _add_findings(pipe, tenant_id, request_id, phase, findings)
+                with redis_errors():
+                    await pipe.execute()
+        except DependencyUnavailable:
+            self._outage.failed()
+            log.warning("guardrail findings of %s not recorded (Redis unavailable)", request_id)
 
     async def ping(self) -> None:
         """Raises unless Redis answers."""
@@ -624,12 +888,19 @@ def _refusal(result: Sequence[Any]) -> StrataError:
 
 def _check_admit(request: control_pb2.AdmitRequest) -> None:
     violations = [v for v in [check_request_id(request.request_id)] if v]
-    if not request.model:
-        violations.append(FieldViolation("model", "is required"))
-    if request.estimated_input_tokens < 1:
-        violations.append(FieldViolation("estimated_input_tokens", "must be at least 1"))
-    if request.max_output_tokens < 1:
-        violations.append(FieldViolation("max_output_tokens", "must be at least 1"))
+    if violation := check_name(request.model, "model"):
+        violations.append(violation)
+    for name in ("estimated_input_tokens", "max_output_tokens"):
+        if not 1 <= getattr(request, name) <= MAX_TOKENS:
+            violations.append(FieldViolation(name, f"must be 1 to {MAX_TOKENS}"))
+    if len(request.candidates) > MAX_CANDIDATES:
+        violations.append(FieldViolation("candidates", f"at most {MAX_CANDIDATES}"))
+    else:
+        for i, candidate in enumerate(request.candidates):
+            if violation := check_name(candidate, f"candidates[{i}]"):
+                violations.append(violation)
+    if violation := check_name(request.guardrail_profile, "guardrail_profile", required=False):
+        violations.append(violation)
     if request.priority not in common_pb2.Priority.values():
         violations.append(FieldViolation("priority", "must be a known priority"))
     if request.HasField("max_cost_usd_micros") and request.max_cost_usd_micros <= 0:
@@ -647,13 +918,33 @@ def _check_settle(request: control_pb2.SettleRequest) -> None:
         violations.append(FieldViolation("team_id", "must match [a-z0-9][a-z0-9_-]*"))
     if request.outcome not in _OUTCOMES:
         violations.append(FieldViolation("outcome", "must be a known outcome"))
+    if request.model and (violation := check_name(request.model, "model")):
+        violations.append(violation)
     usage, cost = request.usage, request.cost
-    if min(usage.input_tokens, usage.output_tokens, cost.total_usd_micros) < 0:
-        violations.append(FieldViolation("usage", "tokens and cost must not be negative"))
+    amounts = [usage.input_tokens, usage.output_tokens, cost.input_usd_micros]
+    amounts += [cost.output_usd_micros, cost.total_usd_micros]
+    if not _countable(*amounts):
+        violations.append(FieldViolation("usage", f"tokens and cost must be 0 to {MAX_COUNT}"))
+    if request.cache_status not in common_pb2.CacheStatus.values():
+        violations.append(FieldViolation("cache_status", "must be a known cache status"))
     if request.admission < 0:
         violations.append(FieldViolation("admission", "must not be negative"))
-    for i, attempt in enumerate(request.attempts):
-        if not attempt.model:
-            violations.append(FieldViolation(f"attempts[{i}].model", "is required"))
+    if len(request.attempts) > MAX_ATTEMPTS:
+        violations.append(FieldViolation("attempts", f"at most {MAX_ATTEMPTS}"))
+    for i, attempt in enumerate(request.attempts[:MAX_ATTEMPTS]):
+        if violation := check_name(attempt.model, f"attempts[{i}].model"):
+            violations.append(violation)
+        if not _countable(attempt.usage.input_tokens, attempt.usage.output_tokens):
+            violations.append(FieldViolation(f"attempts[{i}].usage", f"must be 0 to {MAX_COUNT}"))
+    for i, finding in enumerate(request.guardrail_findings):
+        if finding.action not in control_pb2.GuardrailAction.values() or not finding.rule:
+            violations.append(
+                FieldViolation(f"guardrail_findings[{i}]", "needs a rule and a known action")
+            )
     if violations:
         raise RequestInvalid(violations)
+
+
+def _countable(*values: int) -> bool:
+    """Whether every value is a count Redis's Lua numbers (doubles) hold exactly."""
+    return all(0 <= value <= MAX_COUNT for value in values)

@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from services.common.bootstrap import Service
+from services.common.bootstrap import Service, answered_once
 from services.common.catalog import load_catalog
 from services.common.errors import StrataError
 from services.common.guardrails import Guardrails
@@ -57,6 +57,7 @@ async def build(settings: ControlSettings) -> Service:
         guardrails,
         settings.reservation_ttl_s,
         settings.settlement_ttl_s,
+        settings.outage_grace_s,
     )
     sweeper = asyncio.create_task(admission.run_sweeper(settings.sweep_interval_s))
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
@@ -77,6 +78,8 @@ async def build(settings: ControlSettings) -> Service:
         name="control",
         register=register,
         service_names=[SERVICE_NAME, ADMIN_SERVICE_NAME],
-        probes={"redis": admission.ping, "tenants": seeded},
+        # A later Redis outage keeps control in rotation: admission degrades (per-process
+        # limits, budgets refused) instead of failing.
+        probes={"redis": answered_once(admission.ping), "tenants": seeded},
         close=close,
     )

@@ -22,6 +22,12 @@ class ControlSettings(ServiceSettings):
     or REDIS_URL)."""
     redis_timeout_s: float = 0.25
     """Longest a single Redis command may take before the call fails as unavailable."""
+    outage_grace_s: float = Field(default=900.0, ge=0)
+    """While Redis does not answer, key records and tenant policies this process read from
+    it at most this long ago stand in for it: requests without budgets are admitted by a
+    per-process limiter (`strata.ratelimit.local_fallbacks`), requests with a budget are
+    refused BUDGET_UNVERIFIABLE. Older or never read: refused (REDIS_UNAVAILABLE,
+    BUDGET_UNVERIFIABLE). 0: every request is refused while Redis does not answer."""
     tenants_file: Path | None = None
     """YAML file of tenants, keys, limits and budgets written into Redis at start-up."""
     models_file: Path

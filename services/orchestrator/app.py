@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from services.common.bootstrap import Service
+from services.common.bootstrap import Service, answered_once
 from services.common.calls import Deadline, check_serving, open_channel
 from services.common.catalog import Catalog, load_catalog
 from services.common.embeddings import LocalEmbedder
 from services.common.errors import FieldViolation, RequestInvalid
 from services.common.guardrails import Guardrails
 from services.common.redis_state import connect
+from services.common.security import Trust
 from services.common.settings import ConfigError
 from services.common.tasks import cancel_and_wait
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
@@ -32,8 +33,8 @@ from services.orchestrator.knowledge import (
     KnowledgeStore,
     QdrantDocumentIndex,
 )
-from services.orchestrator.pipelines import PipelineRunner, load_pipelines
-from services.orchestrator.preparation import Preparer
+from services.orchestrator.pipelines import PipelineRunner, check_run, load_pipelines
+from services.orchestrator.preparation import Preparer, check_shape
 from services.orchestrator.records import RecordStore
 from services.orchestrator.routes import LatencyTracker, Router
 from services.orchestrator.servicer import (
@@ -84,18 +85,24 @@ async def _knowledge_index(settings: OrchestratorSettings, dimensions: int) -> D
 def _work_checker(
     catalog: Catalog, router: Router, pipelines: PipelineRunner
 ) -> Callable[[jobs_pb2.SubmitJobRequest], None]:
-    """Refuses, at submission, work that could only fail: an unknown model, route or
-    pipeline. Everything else is checked when the job runs."""
+    """Refuses, at submission, work that could only fail: malformed (the checks Generate
+    and RunPipeline run first), or naming an unknown model, route or pipeline. Everything
+    else is checked when the job runs."""
 
     def check(request: jobs_pb2.SubmitJobRequest) -> None:
         if request.HasField("generate"):
             work = request.generate
+            check_shape(work, "generate.")
             if work.route and work.route not in router.names():
                 raise RequestInvalid([FieldViolation("generate.route", "is not a known route")])
             if not work.route and work.model not in catalog.models:
                 raise RequestInvalid([FieldViolation("generate.model", "is not a known model")])
-        elif request.HasField("pipeline") and request.pipeline.pipeline not in pipelines.names():
-            raise RequestInvalid([FieldViolation("pipeline.pipeline", "is not a known pipeline")])
+        elif request.HasField("pipeline"):
+            check_run(request.pipeline, "pipeline.")
+            if request.pipeline.pipeline not in pipelines.names():
+                raise RequestInvalid(
+                    [FieldViolation("pipeline.pipeline", "is not a known pipeline")]
+                )
 
     return check
 
@@ -129,10 +136,11 @@ async def build(settings: OrchestratorSettings) -> Service:
     """The orchestrator, ready for `bootstrap.start`."""
     catalog = load_catalog(settings.models_file)
     client = connect(settings.redis_url, settings.redis_timeout_s)
+    trust = Trust.of(settings)
     channels = {
-        "control": open_channel(settings.control_address, settings.max_message_bytes),
-        "cache": open_channel(settings.cache_address, settings.max_message_bytes),
-        "executor": open_channel(settings.executor_address, settings.max_message_bytes),
+        "control": open_channel(settings.control_address, settings.max_message_bytes, trust),
+        "cache": open_channel(settings.cache_address, settings.max_message_bytes, trust),
+        "executor": open_channel(settings.executor_address, settings.max_message_bytes, trust),
     }
     admin_token = settings.cache_admin_token
     cache = CacheClient(
@@ -168,7 +176,7 @@ async def build(settings: OrchestratorSettings) -> Service:
         control,
         cache,
         executor,
-        Preparer(catalog, router, templates, knowledge),
+        Preparer(catalog, router, templates, knowledge, settings.retrieval_timeout_s),
         IdempotencyStore(client),
         SingleFlight(client),
         latencies,
@@ -245,10 +253,12 @@ async def build(settings: OrchestratorSettings) -> Service:
     async def ping_redis() -> None:
         await client.ping()
 
-    probes: dict[str, Callable[[], Awaitable[None]]] = {
+    probes: dict[str, Callable[[], Awaitable[object]]] = {
         name: functools.partial(check_serving, ch) for name, ch in channels.items()
     }
-    probes["redis"] = ping_redis
+    # A later Redis outage keeps the orchestrator in rotation: generation goes on without
+    # the cache (requests with a request_id or a job need Redis and fail as unavailable).
+    probes["redis"] = answered_once(ping_redis)
     return Service(
         name="orchestrator",
         register=register,

@@ -18,7 +18,7 @@ from services.common import semconv, telemetry
 from services.common.calls import Deadline
 from services.common.catalog import Catalog
 from services.common.errors import FieldViolation, ModelNotFound, RequestInvalid, StrataError
-from services.common.validation import check_request_id, estimate_input_tokens
+from services.common.validation import check_name, check_request_id, estimate_input_tokens
 from services.orchestrator.clients import ControlClient, ExecutorClient
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
@@ -110,6 +110,8 @@ class Embeddings:
         )
 
     def _check(self, request: orchestrator_pb2.EmbedRequest) -> None:
+        if violation := check_name(request.model, "model"):
+            raise RequestInvalid([violation])
         model = self._catalog.get(request.model)
         if model is None:
             raise ModelNotFound(request.model)

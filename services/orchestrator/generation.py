@@ -42,17 +42,15 @@ from services.common.catalog import Catalog
 from services.common.chat import assemble_tool_calls, tool_call_pieces
 from services.common.errors import (
     GuardrailBlocked,
-    RequestInvalid,
     StrataError,
     StreamInterrupted,
 )
 from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.logs import bind_request_id
 from services.common.tasks import cancel_and_wait
-from services.common.validation import check_request_id
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
 from services.orchestrator.idempotency import IdempotencyStore, SingleFlight, body_hash
-from services.orchestrator.preparation import Prepared, Preparer
+from services.orchestrator.preparation import Prepared, Preparer, check_shape
 from services.orchestrator.records import RecordStore
 from services.orchestrator.routes import LatencyTracker
 from strata.cache.v1 import cache_pb2
@@ -126,6 +124,8 @@ class Finished:
     cost: common_pb2.Cost
     cache_status: common_pb2.CacheStatus
     citations: Sequence[orchestrator_pb2.Citation] = ()
+    retrieval_degraded: bool = False
+    """Retrieval failed and the answer was made without documents."""
 
 
 Event = Started | str | ToolPieces | Finished
@@ -159,6 +159,7 @@ class Answer:
             response.cost.CopyFrom(event.cost)
             response.cache_status = event.cache_status
             response.citations.extend(event.citations)
+            response.retrieval_degraded = event.retrieval_degraded
 
     def build(self) -> orchestrator_pb2.GenerateResponse:
         """The whole answer."""
@@ -192,6 +193,7 @@ def replay(response: orchestrator_pb2.GenerateResponse) -> list[Event]:
             response.cost,
             response.cache_status,
             list(response.citations),
+            response.retrieval_degraded,
         )
     )
     return events
@@ -308,13 +310,13 @@ class Generator:
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
     ) -> AsyncGenerator[Event, None]:
         """Events of one request; raises StrataError with the reason when it fails."""
+        # Before the request id is claimed: a malformed request leaves nothing behind.
+        check_shape(request)
         if not request.request_id:
             async with aclosing(self._generate(request, api_key, deadline, stream)) as events:
                 async for event in events:
                     yield event
             return
-        if violation := check_request_id(request.request_id):
-            raise RequestInvalid([violation])
         bind_request_id(request.request_id)
         tenant = await self.tenant_of(api_key, deadline)
         digest = body_hash(request)
@@ -458,6 +460,7 @@ class Generator:
                 cache_match=found.match,
                 citations=prepared.citations,
                 prompt=prepared.prompt,
+                retrieval_degraded=prepared.retrieval_degraded,
             )
         )
 
@@ -688,6 +691,7 @@ class Generator:
                         final.cost,
                         tally.cache_status,
                         call.prepared.citations,
+                        call.prepared.retrieval_degraded,
                     )
                     return
         raise StreamInterrupted("the executor's stream ended before its final chunk")
@@ -728,6 +732,7 @@ class Generator:
             answer.cost,
             tally.cache_status,
             call.prepared.citations,
+            call.prepared.retrieval_degraded,
         )
 
     async def _store(self, call: _Call, tally: _Tally) -> None:

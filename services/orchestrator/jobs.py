@@ -54,7 +54,7 @@ from services.common.calls import RERUN_IF_CUT
 from services.common.errors import FieldViolation, JobNotFound, RequestInvalid, StrataError
 from services.common.redis_state import redis_errors
 from services.common.tasks import cancel_and_wait
-from services.common.validation import check_request_id
+from services.common.validation import check_name, check_request_id
 from services.orchestrator.idempotency import IdempotencyKeyReused
 from strata.orchestrator.v1 import jobs_pb2
 
@@ -262,8 +262,7 @@ class JobQueue:
 
     async def get(self, tenant: str, job_id: str) -> jobs_pb2.Job:
         """The job; JOB_NOT_FOUND when the tenant has no such job."""
-        if not _JOB_ID.fullmatch(job_id):
-            raise JobNotFound(job_id)
+        _check_job_id(job_id)
         with redis_errors():
             raw: Any = await self.client.get(self._job_key(tenant, job_id))
         if raw is None:
@@ -272,8 +271,7 @@ class JobQueue:
 
     async def watch(self, tenant: str, job_id: str) -> AsyncGenerator[jobs_pb2.Job, None]:
         """Yields the job as it is, then each change of it, and ends after a terminal one."""
-        if not _JOB_ID.fullmatch(job_id):
-            raise JobNotFound(job_id)
+        _check_job_id(job_id)
         async with self.client.pubsub() as pubsub:
             # Subscribe before reading: a change made after the read is then published to
             # us, and one made before it is in what we read; stale messages are skipped.
@@ -299,8 +297,7 @@ class JobQueue:
     async def cancel(self, tenant: str, job_id: str) -> jobs_pb2.Job:
         """Cancels a queued or running job (its worker is told and stops running it); a job
         that already ended is returned unchanged."""
-        if not _JOB_ID.fullmatch(job_id):
-            raise JobNotFound(job_id)
+        _check_job_id(job_id)
 
         def cancelled(job: jobs_pb2.Job) -> jobs_pb2.Job | None:
             if job.state in TERMINAL:
@@ -971,3 +968,12 @@ def _job_span(run: _Run) -> trace.Span:
             semconv.ATTEMPT: run.attempt,
         },
     )
+
+
+def _check_job_id(job_id: str) -> None:
+    """REQUEST_INVALID for an id too long to echo back or holding control characters;
+    JOB_NOT_FOUND for any other id this queue would not have made."""
+    if violation := check_name(job_id, "job_id", required=False):
+        raise RequestInvalid([violation])
+    if not _JOB_ID.fullmatch(job_id):
+        raise JobNotFound(job_id)

@@ -453,7 +453,9 @@ class KnowledgeStore:
             violations.append(FieldViolation("max_age", "must be positive"))
         for key in metadata_filter or {}:
             if not METADATA_KEY.fullmatch(key):
-                violations.append(FieldViolation(f"metadata_filter[{key!r}]", _METADATA_KEY_RULE))
+                violations.append(
+                    FieldViolation(_keyed("metadata_filter", key), _METADATA_KEY_RULE)
+                )
         if violations:
             raise RequestInvalid(violations)
         [vector] = await self._embedder.embed([query])
@@ -630,6 +632,11 @@ def _check_tenant(tenant: str) -> None:
         raise ValueError("tenant is required")
 
 
+def _keyed(field: str, key: str) -> str:
+    """`field[key]`, or just `field` when the key is too long to echo back."""
+    return f"{field}[{key!r}]" if len(key) <= 128 else field
+
+
 def _collection_violations(collection: str) -> list[FieldViolation]:
     if COLLECTION_NAME.fullmatch(collection):
         return []
@@ -668,7 +675,9 @@ def _document_violations(documents: Sequence[knowledge_pb2.Document]) -> list[Fi
             violations.append(FieldViolation(f"{where}.text", "must not be empty"))
         for key in document.metadata:
             if not METADATA_KEY.fullmatch(key):
-                violations.append(FieldViolation(f"{where}.metadata[{key!r}]", _METADATA_KEY_RULE))
+                violations.append(
+                    FieldViolation(_keyed(f"{where}.metadata", key), _METADATA_KEY_RULE)
+                )
     return violations
 
 
@@ -932,6 +941,8 @@ class QdrantDocumentIndex:
         self._timeout_s = timeout_s
         # Local mode runs in this process and ignores payload indexes (with a warning).
         self._local = url is None
+        self._prepared = False
+        self._preparing = asyncio.Lock()
         self._client = AsyncQdrantClient(
             url=url,
             location=location,
@@ -956,7 +967,26 @@ class QdrantDocumentIndex:
             raise
 
     async def start(self) -> None:
-        """Creates the collection and its payload indexes where missing (idempotent)."""
+        """Creates the collection and its payload indexes where missing (idempotent).
+
+        A server that does not answer yet is not fatal: the service starts without it
+        (semantic lookups miss, retrieval follows its failure policy) and every later call
+        first tries again to prepare the collection."""
+        try:
+            await self._ready()
+        except DependencyUnavailable as err:
+            log.warning("qdrant does not answer (%s); preparing the collection later", err)
+
+    async def _ready(self) -> None:
+        """Prepares the collection once; DependencyUnavailable while the server is away."""
+        if self._prepared:
+            return
+        async with self._preparing:
+            if not self._prepared:
+                await self._prepare()
+                self._prepared = True
+
+    async def _prepare(self) -> None:
         async with self._deadline():
             exists = await self._client.collection_exists(self._collection)
         if not exists:
@@ -1000,6 +1030,7 @@ class QdrantDocumentIndex:
 
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:
         """Stores the points, PAGE per request, each applied before the next is sent."""
+        await self._ready()
         structs = [
             models.PointStruct(
                 id=p.point_id,
@@ -1026,6 +1057,7 @@ class QdrantDocumentIndex:
         metadata: Mapping[str, str] | None = None,
     ) -> list[Chunk]:
         """Nearest chunks of the collection."""
+        await self._ready()
         if limit <= 0:
             return []
         conditions: list[models.Condition] = [
@@ -1061,6 +1093,7 @@ class QdrantDocumentIndex:
         seqs: tuple[int, int] | None = None,
     ) -> None:
         """Removes the chunks in one request (the server deletes by filter)."""
+        await self._ready()
         if not document_ids:
             return
         conditions: list[models.Condition] = [
@@ -1084,6 +1117,7 @@ class QdrantDocumentIndex:
         self, tenant: str, collection: str | None = None, document_id: str | None = None
     ) -> int:
         """Chunks stored of a tenant (of one collection, of one document)."""
+        await self._ready()
         conditions: list[models.Condition] = [
             models.FieldCondition(key=field, match=models.MatchValue(value=value))
             for field, value in (

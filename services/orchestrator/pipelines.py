@@ -51,7 +51,7 @@ from services.common.errors import (
     StrataError,
 )
 from services.common.settings import ConfigError
-from services.common.validation import check_request_id
+from services.common.validation import check_name, check_request_id, check_struct
 from services.orchestrator.generation import Answer, Generator
 from services.orchestrator.knowledge import KnowledgeStore
 from strata.common.v1 import common_pb2
@@ -228,13 +228,12 @@ class PipelineRunner:
         tenant_of: TenantOf,
     ) -> AsyncGenerator[pipelines_pb2.StepResult | pipelines_pb2.RunPipelineResponse, None]:
         """Yields each step's result, then the pipeline's response."""
+        check_run(request)
         spec = self._pipelines.get(request.pipeline)
         if spec is None:
             raise PipelineNotFound(
                 f"no pipeline {request.pipeline!r}", metadata={"pipeline": request.pipeline}
             )
-        if request.request_id and (violation := check_request_id(request.request_id)):
-            raise RequestInvalid([violation])
         request_id = request.request_id or uuid.uuid4().hex
         inputs = _inputs(spec, json_format.MessageToDict(request.inputs))
         context: dict[str, Any] = {"inputs": inputs, "steps": {}}
@@ -382,6 +381,26 @@ class PipelineRunner:
         outcome.usage.CopyFrom(response.usage)
         outcome.cost.CopyFrom(response.cost)
         return response.text
+
+
+def check_run(
+    request: pipelines_pb2.RunPipelineRequest | pipelines_pb2.StreamPipelineRequest,
+    prefix: str = "",
+) -> None:
+    """INVALID_ARGUMENT for a malformed run (a name too long to echo, a bad request id,
+    inputs too deep or holding NaN), before the pipeline is looked up. `prefix` names the
+    request inside another (a job's `pipeline.`)."""
+    violations = [
+        v
+        for v in (
+            check_name(request.pipeline, "pipeline"),
+            check_request_id(request.request_id) if request.request_id else None,
+        )
+        if v
+    ]
+    violations.extend(check_struct(request.inputs, "inputs"))
+    if violations:
+        raise RequestInvalid([FieldViolation(prefix + v.field, v.description) for v in violations])
 
 
 def _inputs(spec: PipelineSpec, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -150,6 +150,11 @@ class RouteRetrievalConfig(_Strict):
     """Chunks to retrieve."""
     min_score: float | None = Field(default=None, ge=0, le=1)
     """Least similarity of a chunk; unset: none."""
+    on_failure: Literal["fail", "answer_without_context"] = "fail"
+    """When the knowledge index fails or is too slow: `fail` (UNAVAILABLE,
+    RETRIEVAL_UNAVAILABLE) or `answer_without_context` (the model answers without documents
+    and the final chunk says `retrieval_degraded`). Applies to the route's requests that do
+    not set their own."""
 
 
 class RouteConfig(_Strict):

@@ -169,6 +169,7 @@ def _final(event: Finished) -> orchestrator_pb2.StreamGenerateResponse.Final:
         cost=event.cost,
         cache_status=event.cache_status,
         citations=event.citations,
+        retrieval_degraded=event.retrieval_degraded,
     )
 
 

@@ -47,6 +47,9 @@ class OrchestratorSettings(ServiceSettings):
     ~160 of the chunker's cover."""
     knowledge_overlap_tokens: int = Field(default=32, ge=0)
     """Tokens a chunk repeats from the one before it."""
+    retrieval_timeout_s: float = Field(default=2.0, gt=0)
+    """Longest a request's retrieval may take; past it, or when the knowledge index fails,
+    the request's (else its route's) `on_failure` policy applies."""
     data_dir: Path = Path("data/orchestrator")
     """Where the embedded knowledge index lives."""
     qdrant_url: str | None = Field(

@@ -4,12 +4,22 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from strata.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RetrievalFailurePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_FAILURE_POLICY_UNSPECIFIED: _ClassVar[RetrievalFailurePolicy]
+    RETRIEVAL_FAILURE_POLICY_FAIL: _ClassVar[RetrievalFailurePolicy]
+    RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT: _ClassVar[RetrievalFailurePolicy]
+RETRIEVAL_FAILURE_POLICY_UNSPECIFIED: RetrievalFailurePolicy
+RETRIEVAL_FAILURE_POLICY_FAIL: RetrievalFailurePolicy
+RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT: RetrievalFailurePolicy
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -109,7 +119,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., cache_policy: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., max_cost_usd_micros: _Optional[int] = ..., route: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., template: _Optional[_Union[TemplateRef, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalSettings, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "model", "text", "finish_reason", "usage", "cost", "cache_status", "tool_calls", "cache_match", "citations", "prompt")
+    __slots__ = ("request_id", "model", "text", "finish_reason", "usage", "cost", "cache_status", "tool_calls", "cache_match", "citations", "prompt", "retrieval_degraded")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +131,7 @@ class GenerateResponse(_message.Message):
     CACHE_MATCH_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     text: str
@@ -132,7 +143,8 @@ class GenerateResponse(_message.Message):
     cache_match: _common_pb2.CacheMatch
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     prompt: PromptInfo
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., cache_match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., prompt: _Optional[_Union[PromptInfo, _Mapping]] = ...) -> None: ...
+    retrieval_degraded: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., cache_match: _Optional[_Union[_common_pb2.CacheMatch, str]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., prompt: _Optional[_Union[PromptInfo, _Mapping]] = ..., retrieval_degraded: _Optional[bool] = ...) -> None: ...
 
 class TemplateRef(_message.Message):
     __slots__ = ("name", "version", "variables")
@@ -145,7 +157,7 @@ class TemplateRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variables: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class RetrievalSettings(_message.Message):
-    __slots__ = ("collection", "top_k", "min_score", "max_age", "metadata_filter")
+    __slots__ = ("collection", "top_k", "min_score", "max_age", "metadata_filter", "on_failure")
     class MetadataFilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,12 +170,14 @@ class RetrievalSettings(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MAX_AGE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FILTER_FIELD_NUMBER: _ClassVar[int]
+    ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     top_k: int
     min_score: float
     max_age: _duration_pb2.Duration
     metadata_filter: _containers.ScalarMap[str, str]
-    def __init__(self, collection: _Optional[str] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., max_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata_filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    on_failure: RetrievalFailurePolicy
+    def __init__(self, collection: _Optional[str] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., max_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata_filter: _Optional[_Mapping[str, str]] = ..., on_failure: _Optional[_Union[RetrievalFailurePolicy, str]] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("document_id", "version", "chunk", "score")
@@ -243,18 +257,20 @@ class StreamGenerateResponse(_message.Message):
         tool_calls: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCallDelta]
         def __init__(self, text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCallDelta, _Mapping]]] = ...) -> None: ...
     class Final(_message.Message):
-        __slots__ = ("finish_reason", "usage", "cost", "cache_status", "citations")
+        __slots__ = ("finish_reason", "usage", "cost", "cache_status", "citations", "retrieval_degraded")
         FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
         USAGE_FIELD_NUMBER: _ClassVar[int]
         COST_FIELD_NUMBER: _ClassVar[int]
         CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
         CITATIONS_FIELD_NUMBER: _ClassVar[int]
+        RETRIEVAL_DEGRADED_FIELD_NUMBER: _ClassVar[int]
         finish_reason: _common_pb2.FinishReason
         usage: _common_pb2.Usage
         cost: _common_pb2.Cost
         cache_status: _common_pb2.CacheStatus
         citations: _containers.RepeatedCompositeFieldContainer[Citation]
-        def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+        retrieval_degraded: bool
+        def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ..., cache_status: _Optional[_Union[_common_pb2.CacheStatus, str]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., retrieval_degraded: _Optional[bool] = ...) -> None: ...
     START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
