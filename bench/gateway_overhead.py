@@ -105,12 +105,16 @@ class Scenario:
     stream: bool
     prompts: str
     """`unique`, `exact`, `paraphrase` (of primed questions) or `near` (primed, other topic)."""
+    exact_only: bool = False
+    """Strata's cache by exact match only (no embedding): admission + exact miss + executor."""
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("unary-miss", False, "unique"),
+        Scenario("unary-exact-miss", False, "unique", exact_only=True),
+        Scenario("stream-exact-miss", True, "unique", exact_only=True),
         Scenario("stream-miss", True, "unique"),
         Scenario("exact-hit", False, "exact"),
         Scenario("semantic-hit", False, "paraphrase"),
@@ -168,7 +172,9 @@ class Outcome:
     error: str = ""
 
 
-Call = Callable[[str, bool], Awaitable[Outcome]]
+Call = Callable[[str, bool, bool], Awaitable[Outcome]]
+"""(prompt, stream, exact_only) -> how the call went."""
+EXACT_ONLY = {"x-strata-cache": "exact-only"}
 
 
 def _body(prompt: str, stream: bool) -> dict[str, Any]:
@@ -186,11 +192,14 @@ def _body(prompt: str, stream: bool) -> dict[str, Any]:
 def http_call(client: httpx.AsyncClient) -> Call:
     """One chat completion over the OpenAI HTTP API (unary, or streamed and read to the end)."""
 
-    async def call(prompt: str, stream: bool) -> Outcome:
+    async def call(prompt: str, stream: bool, exact_only: bool) -> Outcome:
+        headers = EXACT_ONLY if exact_only else None
         started = time.perf_counter()
         try:
             if not stream:
-                response = await client.post("/v1/chat/completions", json=_body(prompt, False))
+                response = await client.post(
+                    "/v1/chat/completions", json=_body(prompt, False), headers=headers
+                )
                 elapsed = time.perf_counter() - started
                 if response.status_code != 200:
                     return Outcome(False, elapsed, error=f"HTTP {response.status_code}")
@@ -200,7 +209,7 @@ def http_call(client: httpx.AsyncClient) -> Call:
             first: float | None = None
             done = False
             async with client.stream(
-                "POST", "/v1/chat/completions", json=_body(prompt, True)
+                "POST", "/v1/chat/completions", json=_body(prompt, True), headers=headers
             ) as response:
                 if response.status_code != 200:
                     await response.aread()
@@ -233,13 +242,16 @@ def grpc_call(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, key: str) -> 
     metadata = (("authorization", f"Bearer {key}"),)
     params = common_pb2.GenerationParams(temperature=0)
 
-    async def call(prompt: str, stream: bool) -> Outcome:
+    async def call(prompt: str, stream: bool, exact_only: bool) -> Outcome:
         messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt)]
+        policy = common_pb2.CachePolicy(semantic_disabled=exact_only)
         started = time.perf_counter()
         try:
             if not stream:
                 answer = await stub.Generate(
-                    orchestrator_pb2.GenerateRequest(model=MODEL, messages=messages, params=params),
+                    orchestrator_pb2.GenerateRequest(
+                        model=MODEL, messages=messages, params=params, cache_policy=policy
+                    ),
                     metadata=metadata,
                     timeout=60,
                 )
@@ -249,7 +261,7 @@ def grpc_call(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, key: str) -> 
             done = False
             async for chunk in stub.StreamGenerate(
                 orchestrator_pb2.StreamGenerateRequest(
-                    model=MODEL, messages=messages, params=params
+                    model=MODEL, messages=messages, params=params, cache_policy=policy
                 ),
                 metadata=metadata,
                 timeout=60,
@@ -320,7 +332,11 @@ async def upstream_served(client: httpx.AsyncClient) -> int:
 
 
 async def drive(
-    call: Call, prompts: Sequence[str], stream: bool, concurrency: int, cap_s: float
+    call: Call,
+    prompts: Sequence[str],
+    scenario: Scenario,
+    concurrency: int,
+    cap_s: float,
 ) -> tuple[list[Outcome], float]:
     """Sends the prompts with `concurrency` requests in flight; stops issuing after `cap_s`."""
     outcomes: list[Outcome] = []
@@ -333,7 +349,7 @@ async def drive(
         while position < len(prompts) and time.perf_counter() < deadline:
             prompt = prompts[position]
             position += 1
-            outcomes.append(await call(prompt, stream))
+            outcomes.append(await call(prompt, scenario.stream, scenario.exact_only))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes, time.perf_counter() - started
@@ -371,7 +387,8 @@ class Run:
         """Stores the questions the timed requests paraphrase (or ask near), untimed."""
         if not bases or not target.cached:
             return
-        outcomes, _ = await drive(target.call, bases, False, c, self.args.round_cap_s)
+        priming = Scenario("prime", stream=False, prompts="exact")
+        outcomes, _ = await drive(target.call, bases, priming, c, self.args.round_cap_s)
         failed = [o for o in outcomes if not o.ok]
         if failed:
             print(f"    priming {target.name}: {len(failed)} failed", file=sys.stderr)
@@ -385,9 +402,7 @@ class Run:
         before_upstream = await upstream_served(self.upstream)
         before_cpu = cpu_of(target.parts)
         before_self = self_cpu_s()
-        outcomes, wall = await drive(
-            target.call, questions, scenario.stream, c, self.args.round_cap_s
-        )
+        outcomes, wall = await drive(target.call, questions, scenario, c, self.args.round_cap_s)
         after_self = self_cpu_s()
         after_cpu = cpu_of(target.parts)
         upstream_calls = await upstream_served(self.upstream) - before_upstream
@@ -426,7 +441,7 @@ class Run:
         size = max(self.args.warmup, c)
         questions, bases = self.questions(scenario, size, exact_n)
         await self.prime(target, bases, c)
-        await drive(target.call, questions, scenario.stream, c, self.args.round_cap_s)
+        await drive(target.call, questions, scenario, c, self.args.round_cap_s)
 
     async def run(self) -> None:
         for scenario_name in self.args.scenarios:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import redis
@@ -10,6 +12,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from strata.common.v1 import common_pb2
+from strata_cli.devstack import LocalStack
 
 
 @dataclass
@@ -93,3 +96,21 @@ def state_snapshot(client: redis.Redis) -> dict[bytes, object]:
         else:
             snapshot[key] = kind
     return snapshot
+
+
+def fresh_stack(
+    run_dir: Path,
+    redis_url: str,
+    tenants_file: Path,
+    models_file: Path,
+    env: Mapping[str, str],
+) -> LocalStack:
+    """The services as processes on an emptied Redis (their settings overridden by `env`)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    return LocalStack(
+        run_dir=run_dir,
+        models_file=models_file,
+        tenants_file=tenants_file,
+        redis_url=redis_url,
+        env=env,
+    ).start()

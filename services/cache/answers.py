@@ -251,7 +251,10 @@ class AnswerCache:
             await self._redis.hincrby(sizes, "total", len(body) - previous)
         self._stats.count(tenant, "stores")
 
-        turn = last_user_turn(messages)
+        # An answer made with reuse by meaning turned off is kept for exact reuse only: no
+        # embedding on the request's path (an exact-only route pays for no model).
+        semantic = self._policy.semantic_enabled and not scope.semantic.disabled
+        turn = last_user_turn(messages) if semantic else None
         if turn is not None:
             query = guards.normalize(messages[turn].content)
             try:

@@ -8,9 +8,10 @@
 Requests carry the same `Authorization: Bearer <api key>` as gRPC calls and take the same
 path (routes, guardrails, cache, budgets, one trace): the door only translates. A `model`
 that names a route is sent as that route. `Idempotency-Key` (or `X-Request-Id`) becomes the
-request id. Errors come back in OpenAI's JSON shape with the HTTP status of the gRPC code
-(401, 403, 404, 400, 409, 429 with Retry-After, 503, 504), Strata's stable reason in
-`error.code` and in the `x-strata-reason` header.
+request id; `X-Strata-Cache: bypass` or `exact-only` sets the request's cache policy.
+Errors come back in OpenAI's JSON shape with the HTTP status of the gRPC code (401, 403,
+404, 400, 409, 429 with Retry-After, 503, 504), Strata's stable reason in `error.code` and
+in the `x-strata-reason` header.
 
 Streams follow OpenAI's chunk format (`chat.completion.chunk`, the role first, then content,
 then the finish reason; usage in one last chunk when `stream_options.include_usage`), end
@@ -392,6 +393,16 @@ class Door:
             generate.route = model
         else:
             generate.model = model
+        for option in request.headers.get("x-strata-cache", "").split(","):
+            match option.strip().lower():
+                case "":
+                    pass
+                case "bypass":
+                    generate.cache_policy.mode = common_pb2.CACHE_MODE_BYPASS
+                case "exact-only":
+                    generate.cache_policy.semantic_disabled = True
+                case _:
+                    raise BadRequest("x-strata-cache: bypass or exact-only", "x-strata-cache")
         if isinstance(body.get("metadata"), dict):
             generate.tags.update({str(k): str(v) for k, v in body["metadata"].items()})
         return generate

@@ -54,19 +54,18 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import qdrant_edge as edge
 import redis.asyncio as redis
-from qdrant_client import AsyncQdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client import models
 
 from services.common.embeddings import Embedder
-from services.common.errors import DependencyUnavailable, FieldViolation, RequestInvalid
+from services.common.errors import FieldViolation, RequestInvalid
+from services.common.qdrant import PayloadSchemas, QdrantCollection
 from services.common.redis_state import redis_errors
 from services.executor import tokens
 from strata.orchestrator.v1 import knowledge_pb2
@@ -912,7 +911,7 @@ class EdgeDocumentIndex:
             shard.close()
 
 
-class QdrantDocumentIndex:
+class QdrantDocumentIndex(QdrantCollection):
     """A collection on a Qdrant server (`url`), or in qdrant-client's local mode for tests.
 
     Call `start()` once before use. Every call carries a deadline of `timeout_s`; a server
@@ -934,84 +933,18 @@ class QdrantDocumentIndex:
         api_key: str | None = None,
         timeout_s: float = 5.0,
     ) -> None:
-        if sum(option is not None for option in (url, location, path)) != 1:
-            raise ValueError("QdrantDocumentIndex needs exactly one of url, location or path")
-        self._dimensions = dimensions
-        self._collection = collection
-        self._timeout_s = timeout_s
-        # Local mode runs in this process and ignores payload indexes (with a warning).
-        self._local = url is None
-        self._prepared = False
-        self._preparing = asyncio.Lock()
-        self._client = AsyncQdrantClient(
+        super().__init__(
+            dimensions,
             url=url,
             location=location,
-            path=None if path is None else str(path),
+            path=path,
+            collection=collection,
             api_key=api_key,
-            timeout=math.ceil(timeout_s),
-            # The check runs a blocking request in a thread and only warns; start() finds
-            # out whether the server answers.
-            check_compatibility=False,
+            timeout_s=timeout_s,
         )
 
-    @asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                yield
-        except (TimeoutError, ResponseHandlingException) as err:
-            raise DependencyUnavailable("qdrant") from err
-        except UnexpectedResponse as err:
-            if err.status_code is not None and (err.status_code >= 500 or err.status_code == 429):
-                raise DependencyUnavailable("qdrant") from err
-            raise
-
-    async def start(self) -> None:
-        """Creates the collection and its payload indexes where missing (idempotent).
-
-        A server that does not answer yet is not fatal: the service starts without it
-        (semantic lookups miss, retrieval follows its failure policy) and every later call
-        first tries again to prepare the collection."""
-        try:
-            await self._ready()
-        except DependencyUnavailable as err:
-            log.warning("qdrant does not answer (%s); preparing the collection later", err)
-
-    async def _ready(self) -> None:
-        """Prepares the collection once; DependencyUnavailable while the server is away."""
-        if self._prepared:
-            return
-        async with self._preparing:
-            if not self._prepared:
-                await self._prepare()
-                self._prepared = True
-
-    async def _prepare(self) -> None:
-        async with self._deadline():
-            exists = await self._client.collection_exists(self._collection)
-        if not exists:
-            try:
-                async with self._deadline():
-                    await self._client.create_collection(
-                        self._collection,
-                        vectors_config=models.VectorParams(
-                            size=self._dimensions, distance=models.Distance.COSINE
-                        ),
-                    )
-            except UnexpectedResponse as err:
-                if err.status_code != 409:  # another replica created it first
-                    raise
-        async with self._deadline():
-            info = await self._client.get_collection(self._collection)
-        vectors = info.config.params.vectors
-        if isinstance(vectors, models.VectorParams) and vectors.size != self._dimensions:
-            raise ValueError(
-                f"collection {self._collection} holds {vectors.size}-dimensional vectors, "
-                f"the index needs {self._dimensions}"
-            )
-        if self._local:
-            return
-        schemas: dict[str, models.PayloadSchemaType | models.KeywordIndexParams] = {
+    def payload_schemas(self) -> PayloadSchemas:
+        return {
             "tenant": models.KeywordIndexParams(
                 type=models.KeywordIndexType.KEYWORD, is_tenant=True
             ),
@@ -1021,12 +954,6 @@ class QdrantDocumentIndex:
             "seq": models.PayloadSchemaType.INTEGER,
             "update_time": models.PayloadSchemaType.FLOAT,
         }
-        for field, schema in schemas.items():
-            if field not in info.payload_schema:
-                async with self._deadline():
-                    await self._client.create_payload_index(
-                        self._collection, field, field_schema=schema, wait=True
-                    )
 
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:
         """Stores the points, PAGE per request, each applied before the next is sent."""

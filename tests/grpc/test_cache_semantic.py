@@ -163,6 +163,16 @@ async def test_semantic_reuse_respects_the_temperature_bound_and_opt_out(
     assert (await lookup(stub, strict, [user(PARAPHRASE)])).match == 0
 
 
+async def test_an_answer_stored_without_reuse_by_meaning_is_kept_for_exact_reuse_only(
+    semantic_cache: Served,
+) -> None:
+    stub = semantic_cache.stub
+    opted_out = scope(semantic=cache_pb2.SemanticPolicy(disabled=True))
+    await store(stub, opted_out, [user(QUESTION)])  # no embedding on its way
+    assert (await lookup(stub, scope(), [user(QUESTION)])).match == EXACT
+    assert (await lookup(stub, scope(), [user(PARAPHRASE)])).match == 0
+
+
 async def test_an_expired_entry_is_never_served(semantic_cache: Served) -> None:
     stub = semantic_cache.stub
     await store(stub, scope(), [user(QUESTION)], ttl=duration_pb2.Duration(seconds=1))

@@ -31,7 +31,7 @@ from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from strata_cli.devstack import SERVICES, LocalStack, ServiceProcess
 from tests.conftest import ApiKeys
-from tests.helpers import bearer, rich_error, usage_record, user
+from tests.helpers import bearer, fresh_stack, rich_error, usage_record, user
 
 RESERVATION_TTL_S = 2
 SWEEP_INTERVAL_S = 0.5
@@ -54,19 +54,18 @@ def stack(
     models_file: Path,
 ) -> Iterator[LocalStack]:
     """The four services plus a second orchestrator replica, every port pinned."""
-    redis.Redis.from_url(redis_url).flushdb()
-    running = LocalStack(
-        run_dir=tmp_path_factory.mktemp("faults"),
-        models_file=models_file,
-        tenants_file=tenants_file,
-        redis_url=redis_url,
-        env={
+    running = fresh_stack(
+        tmp_path_factory.mktemp("faults"),
+        redis_url,
+        tenants_file,
+        models_file,
+        {
             "STRATA_CONTROL_RESERVATION_TTL_S": str(RESERVATION_TTL_S),
             "STRATA_CONTROL_SWEEP_INTERVAL_S": str(SWEEP_INTERVAL_S),
             "STRATA_ORCHESTRATOR_KNOWLEDGE_ENABLED": "0",
             **{f"STRATA_{name.upper()}_SHUTDOWN_GRACE_S": str(GRACE_S) for name in SERVICES},
         },
-    ).start()
+    )
     first = running.services["orchestrator"]
     second = ServiceProcess(
         "orchestrator",

@@ -11,6 +11,7 @@ import redis
 
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
 from strata_cli.devstack import LocalStack
+from tests.helpers import fresh_stack
 
 
 @pytest.fixture
@@ -31,17 +32,16 @@ def stack(
     models_file: Path,
     guardrails_file: Path,
 ) -> Iterator[LocalStack]:
-    redis.Redis.from_url(redis_url).flushdb()
-    running = LocalStack(
-        run_dir=tmp_path_factory.mktemp("stack"),
-        models_file=models_file,
-        tenants_file=tenants_file,
-        redis_url=redis_url,
-        env={
+    running = fresh_stack(
+        tmp_path_factory.mktemp("stack"),
+        redis_url,
+        tenants_file,
+        models_file,
+        {
             "STRATA_CONTROL_GUARDRAILS_FILE": str(guardrails_file),
             "STRATA_ORCHESTRATOR_GUARDRAILS_FILE": str(guardrails_file),
         },
-    ).start()
+    )
     try:
         yield running
     finally:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from strata_cli.devstack import LocalStack
 from tests.conftest import ROOT, ApiKeys
+from tests.helpers import fresh_stack
 
 ADMIN_TOKEN = secrets.token_urlsafe(24)
 
@@ -34,18 +34,17 @@ def stack(
     guardrails_file: Path,
 ) -> Iterator[LocalStack]:
     """The stack of tests/stack/conftest.py with the control service's admin API on."""
-    redis.Redis.from_url(redis_url).flushdb()
-    running = LocalStack(
-        run_dir=tmp_path_factory.mktemp("stack"),
-        models_file=models_file,
-        tenants_file=tenants_file,
-        redis_url=redis_url,
-        env={
+    running = fresh_stack(
+        tmp_path_factory.mktemp("stack"),
+        redis_url,
+        tenants_file,
+        models_file,
+        {
             "STRATA_CONTROL_GUARDRAILS_FILE": str(guardrails_file),
             "STRATA_ORCHESTRATOR_GUARDRAILS_FILE": str(guardrails_file),
             "STRATA_CONTROL_ADMIN_TOKEN": ADMIN_TOKEN,
         },
-    ).start()
+    )
     try:
         yield running
     finally:

@@ -17,9 +17,10 @@ from strata.orchestrator.v1 import jobs_pb2, jobs_pb2_grpc, orchestrator_pb2, or
 from strata_cli.devstack import LocalStack, ServiceProcess
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.helpers import bearer, usage_record, user
+from tests.helpers import bearer, fresh_stack, usage_record, user
 
 CLAIM_IDLE_S = 1.5
+API_ONLY = {"STRATA_ORCHESTRATOR_ROLE": "api", "STRATA_ORCHESTRATOR_KNOWLEDGE_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,13 @@ def stack(
     models_file: Path,
 ) -> Iterator[LocalStack]:
     """The suite with an API-only orchestrator: jobs wait for the workers a test starts."""
-    redis.Redis.from_url(redis_url).flushdb()
-    running = LocalStack(
-        run_dir=tmp_path_factory.mktemp("replicas"),
-        models_file=models_file,
-        tenants_file=tenants_file,
-        redis_url=redis_url,
-        env={"STRATA_ORCHESTRATOR_ROLE": "api", "STRATA_ORCHESTRATOR_KNOWLEDGE_ENABLED": "0"},
-    ).start()
+    running = fresh_stack(
+        tmp_path_factory.mktemp("replicas"),
+        redis_url,
+        tenants_file,
+        models_file,
+        API_ONLY,
+    )
     try:
         yield running
     finally:
