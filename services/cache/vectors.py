@@ -412,26 +412,8 @@ class QdrantIndex(QdrantCollection):
     PAGE = 256
     """Points per request when upserting, and per scan when deleting."""
 
-    def __init__(
-        self,
-        dimensions: int,
-        *,
-        url: str | None = None,
-        location: str | None = None,
-        path: Path | None = None,
-        collection: str = "strata_cache",
-        api_key: str | None = None,
-        timeout_s: float = 2.0,
-    ) -> None:
-        super().__init__(
-            dimensions,
-            url=url,
-            location=location,
-            path=path,
-            collection=collection,
-            api_key=api_key,
-            timeout_s=timeout_s,
-        )
+    COLLECTION = "strata_cache"
+    TIMEOUT_S = 2.0
 
     def payload_schemas(self) -> PayloadSchemas:
         return {

@@ -163,17 +163,7 @@ async def _failed_probes(probes: Mapping[str, Probe]) -> list[str]:
 async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     """Builds, binds and starts the server; health turns SERVING once the probes pass."""
     trust, internal = security.server_trust(settings, service.name)
-    made = telemetry.configure(
-        service.name,
-        otlp_endpoint=settings.otlp_endpoint,
-        otlp_timeout_s=settings.otlp_timeout_s,
-        span_queue_size=settings.span_queue_size,
-        metrics_port=settings.metrics_port,
-        metrics_host=settings.host,
-        metric_interval_s=settings.metric_export_interval_s,
-        capture_content=settings.capture_content,
-        content_max_bytes=settings.content_max_bytes,
-    )
+    made = telemetry.configure_from(service.name, settings)
     inflight = limits.inflight_limit(
         settings.max_inflight, internal, settings.batch_share, settings.overload_retry_after_s
     )

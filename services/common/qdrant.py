@@ -29,17 +29,24 @@ PayloadSchemas = dict[str, models.PayloadSchemaType | models.KeywordIndexParams]
 class QdrantCollection:
     """One cosine collection of `dimensions`-long vectors, with its payload indexes."""
 
+    COLLECTION = "strata"
+    """The collection's name unless one is given."""
+    TIMEOUT_S = 2.0
+    """The deadline of each call unless one is given."""
+
     def __init__(
         self,
         dimensions: int,
         *,
-        url: str | None,
-        location: str | None,
-        path: Path | None,
-        collection: str,
-        api_key: str | None,
-        timeout_s: float,
+        url: str | None = None,
+        location: str | None = None,
+        path: Path | None = None,
+        collection: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
+        collection = collection or self.COLLECTION
+        timeout_s = self.TIMEOUT_S if timeout_s is None else timeout_s
         if sum(option is not None for option in (url, location, path)) != 1:
             raise ValueError(f"{type(self).__name__} needs exactly one of url, location or path")
         self._dimensions = dimensions

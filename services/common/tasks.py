@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +25,21 @@ async def cancel_and_wait(task: asyncio.Task[object], timeout_s: float = 5.0) ->
             return
     if not task.cancelled() and task.exception() is not None:
         log.warning("task %s ended with %r", task.get_name(), task.exception())
+
+
+class Background:
+    """Work that goes on after the reply (settlements, stores, audits): kept referenced
+    while it runs, and awaited at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def run(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Waits for the work still running (its errors were logged where they arose)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -38,6 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.common import semconv
 from services.common.errors import RequestInvalid, StrataError
+from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,21 @@ def configure(
     if old is not None:
         old.shutdown()
     return made
+
+
+def configure_from(service: str, settings: ServiceSettings) -> Telemetry:
+    """`configure` with a service's settings."""
+    return configure(
+        service,
+        otlp_endpoint=settings.otlp_endpoint,
+        otlp_timeout_s=settings.otlp_timeout_s,
+        span_queue_size=settings.span_queue_size,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.host,
+        metric_interval_s=settings.metric_export_interval_s,
+        capture_content=settings.capture_content,
+        content_max_bytes=settings.content_max_bytes,
+    )
 
 
 def release(service: str, made: Telemetry) -> None:

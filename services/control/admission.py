@@ -64,7 +64,6 @@ from opentelemetry.metrics import Counter
 from services.common import semconv, telemetry
 from services.common.catalog import Catalog, ModelConfig
 from services.common.errors import (
-    ApiKeyInvalid,
     BudgetExceeded,
     BudgetUnverifiable,
     ConcurrencyLimited,
@@ -83,11 +82,10 @@ from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.redis_state import RedisOutage, redis_errors
 from services.common.validation import MAX_TOKENS, check_name, check_request_id
 from services.control.keys import (
-    KEY_PREFIX,
     TENANTS_SET,
     KeyRecord,
     KeyStore,
-    hash_key,
+    digest_of,
     tenant_tag,
     valid_id,
 )
@@ -309,7 +307,6 @@ class AdmissionControl:
         # Degraded mode (see the module docstring): what was last read from Redis.
         self._outage = RedisOutage("control")
         self._outage_grace_s = outage_grace_s
-        self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
         self._policies: dict[str, tuple[dict[str, str], float]] = {}
         self._local = LocalLimiter()
         self._deferred: deque[control_pb2.SettleRequest] = deque()
@@ -321,33 +318,14 @@ class AdmissionControl:
         """The key's record (by the key, or its hash); API_KEY_INVALID when unknown or revoked.
 
         While Redis does not answer: the record this process last read, if recent enough."""
-        by_hash = bool(api_key_sha256 and not api_key)
-        digest = api_key_sha256 if by_hash else ""
-        if not by_hash and api_key.startswith(KEY_PREFIX):
-            digest = hash_key(api_key)
-        if self._outage.active and digest in self._known_keys:
-            return self._last_known(digest)
+        digest = api_key_sha256 if api_key_sha256 and not api_key else digest_of(api_key)
+        if self._outage.active and self._keys.known(digest):
+            return self._keys.last_known(digest, self._outage_grace_s)
         try:
-            if by_hash:
-                record = await self._keys.authenticate_hash(api_key_sha256)
-            else:
-                record = await self._keys.authenticate(api_key)
+            return await self._keys.authenticate_hash(digest)
         except DependencyUnavailable:
             self._outage.failed()
-            return self._last_known(digest)
-        except ApiKeyInvalid:
-            self._known_keys.pop(digest, None)
-            raise
-        if len(self._known_keys) > 100_000:
-            self._known_keys.clear()
-        self._known_keys[digest] = (record, time.monotonic())
-        return record
-
-    def _last_known(self, digest: str) -> KeyRecord:
-        known = self._known_keys.get(digest)
-        if known is None or time.monotonic() - known[1] > self._outage_grace_s:
-            raise DependencyUnavailable("redis")
-        return known[0]
+            return self._keys.last_known(digest, self._outage_grace_s)
 
     async def admit(self, request: control_pb2.AdmitRequest) -> Admission:
         """Authenticates, checks guardrails, plans, enforces limits and budgets, reserves."""

@@ -43,7 +43,7 @@ import redis.asyncio as redis
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from services.common.errors import ApiKeyInvalid
+from services.common.errors import ApiKeyInvalid, DependencyUnavailable
 from services.common.redis_state import redis_errors
 from services.common.settings import ConfigError
 from services.common.tasks import cancel_and_wait
@@ -222,6 +222,19 @@ def _key_info(digest: str, team: str, active: bool, prefix: str, created: float)
     )
 
 
+def digest_of(presented: str) -> str:
+    """The SHA-256 a presented key is kept under; ApiKeyInvalid when it is malformed."""
+    if not presented.startswith(KEY_PREFIX):
+        raise ApiKeyInvalid("API key is missing or malformed")
+    return hash_key(presented)
+
+
+def _valid(record: KeyRecord | None) -> KeyRecord:
+    if record is None or not record.active:
+        raise ApiKeyInvalid("API key is not valid")
+    return record
+
+
 class KeyStore:
     """Key records in Redis, cached per process and invalidated by pub/sub."""
 
@@ -229,13 +242,12 @@ class KeyStore:
         self._redis = client
         self._default_profile = default_profile
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        """digest -> (record, or None for an unknown key; when it was read, monotonic)."""
         self._listener: asyncio.Task[None] | None = None
 
     async def authenticate(self, presented: str) -> KeyRecord:
         """The record of a presented key; ApiKeyInvalid when unknown, revoked or malformed."""
-        if not presented.startswith(KEY_PREFIX):
-            raise ApiKeyInvalid("API key is missing or malformed")
-        return await self.authenticate_hash(hash_key(presented))
+        return await self.authenticate_hash(digest_of(presented))
 
     async def authenticate_hash(self, digest: str) -> KeyRecord:
         """The record of a key given by its SHA-256 (work queued earlier by that key)."""
@@ -243,16 +255,26 @@ class KeyStore:
             raise ApiKeyInvalid("API key hash is malformed")
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
+        if cached is not None and now - cached[1] < (CACHE_S if cached[0] else UNKNOWN_CACHE_S):
             record = cached[0]
         else:
             record = await self._load(digest)
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[digest] = (record, now + (CACHE_S if record else UNKNOWN_CACHE_S))
-        if record is None or not record.active:
-            raise ApiKeyInvalid("API key is not valid")
-        return record
+            self._cache[digest] = (record, now)
+        return _valid(record)
+
+    def last_known(self, digest: str, max_age_s: float) -> KeyRecord:
+        """The record this process last read for a key, if read within `max_age_s` (while
+        Redis does not answer); DependencyUnavailable when there is none that recent."""
+        cached = self._cache.get(digest)
+        if cached is None or time.monotonic() - cached[1] > max_age_s:
+            raise DependencyUnavailable("redis")
+        return _valid(cached[0])
+
+    def known(self, digest: str) -> bool:
+        """Whether this process has read the key's record (known keys survive an outage)."""
+        return digest in self._cache
 
     async def _load(self, digest: str) -> KeyRecord | None:
         with redis_errors():

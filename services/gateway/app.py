@@ -634,15 +634,7 @@ class RunningGateway:
 
 async def start(settings: GatewaySettings) -> RunningGateway:
     """Serves the door on settings.host:port (0: any free port); returns once it listens."""
-    made = telemetry.configure(
-        SERVICE,
-        otlp_endpoint=settings.otlp_endpoint,
-        otlp_timeout_s=settings.otlp_timeout_s,
-        span_queue_size=settings.span_queue_size,
-        metrics_port=settings.metrics_port,
-        metrics_host=settings.host,
-        metric_interval_s=settings.metric_export_interval_s,
-    )
+    made = telemetry.configure_from(SERVICE, settings)
     door = Door(settings)
     config = uvicorn.Config(
         door.app(),

@@ -7,17 +7,15 @@ against the budgets, and what the executor reports is settled under the request 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import Any
 
 from services.common import semconv, telemetry
 from services.common.calls import Deadline
 from services.common.catalog import Catalog
 from services.common.errors import FieldViolation, ModelNotFound, RequestInvalid, StrataError
+from services.common.tasks import Background
 from services.common.validation import check_name, check_request_id, estimate_input_tokens
 from services.orchestrator.clients import ControlClient, ExecutorClient
 from strata.common.v1 import common_pb2
@@ -37,7 +35,7 @@ class Embeddings:
         self._catalog = catalog
         self._control = control
         self._executor = executor
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     async def embed(
         self, request: orchestrator_pb2.EmbedRequest, api_key: str, deadline: Deadline
@@ -90,7 +88,7 @@ class Embeddings:
                 attempt.error_reason = err.reason
             attempt.latency.FromNanoseconds(int((time.monotonic() - started) * 1e9))
             settle.attempts.append(attempt)
-            self._in_background(self._settle(settle))
+            self._background.run(self._settle(settle))
             raise
         attempt.success = True
         attempt.usage.CopyFrom(answer.usage)
@@ -133,12 +131,6 @@ class Embeddings:
         except StrataError as err:
             log.error("settlement failed (%s); the reservation will expire instead", err.reason)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def aclose(self) -> None:
         """Waits for background settlements to finish."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.drain()

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,7 @@ from services.common.errors import (
 )
 from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.logs import bind_request_id
-from services.common.tasks import cancel_and_wait
+from services.common.tasks import Background, cancel_and_wait
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
 from services.orchestrator.idempotency import IdempotencyStore, SingleFlight, body_hash
 from services.orchestrator.preparation import Prepared, Preparer, check_shape
@@ -304,7 +304,7 @@ class Generator:
         self._audit_rate = audit_rate
         self._records = records
         self._tenant_of_key: dict[bytes, _Known] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     async def generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
@@ -333,7 +333,7 @@ class Generator:
                     answer.add(event)
                     yield event
         except BaseException:
-            self._in_background(self._idempotency.release(tenant, request.request_id, first))
+            self._background.run(self._idempotency.release(tenant, request.request_id, first))
             raise
         finally:
             await cancel_and_wait(keeper)
@@ -425,7 +425,7 @@ class Generator:
             tally.outcome = control_pb2.OUTCOME_CANCELLED
             tally.error = "CANCELLED"
             if not RERUN_IF_CUT.get()():
-                self._in_background(self._settle(call, tally))
+                self._background.run(self._settle(call, tally))
             raise
         except Exception as err:
             tally.error = err.reason if isinstance(err, StrataError) else "INTERNAL"
@@ -434,13 +434,13 @@ class Generator:
                 tally.usage = usage_of_interruption(err.metadata)
                 model = self._catalog.get(tally.model) or config
                 tally.cost = model.cost(tally.usage) if tally.usage else None
-            self._in_background(self._settle(call, tally))
+            self._background.run(self._settle(call, tally))
             raise
         await self._settle(call, tally)
         semantic = hit is not None and hit.match == common_pb2.CACHE_MATCH_SEMANTIC
         if semantic and self._audit_rate and random.random() < self._audit_rate:
             assert hit is not None
-            self._in_background(self._audit(call, hit.entry_id))
+            self._background.run(self._audit(call, hit.entry_id))
 
     def _replay_hit(
         self, call: _Call, found: cache_pb2.LookupResponse, status: common_pb2.CacheStatus
@@ -561,7 +561,7 @@ class Generator:
                 tally.outcome = control_pb2.OUTCOME_CANCELLED
                 if RERUN_IF_CUT.get()():
                     raise
-            self._in_background(self._settle(call, tally))
+            self._background.run(self._settle(call, tally))
             raise
         return call, found, status
 
@@ -802,7 +802,7 @@ class Generator:
         call.clock.lap("settlement")
         self._account(call, tally, usage, cost)
         if self._records is not None:
-            self._in_background(self._records.save(self._record(call, tally, usage, cost)))
+            self._background.run(self._records.save(self._record(call, tally, usage, cost)))
 
     def _account(
         self,
@@ -902,15 +902,9 @@ class Generator:
         except StrataError as err:
             log.info("cache audit skipped (%s)", err.reason)
 
-    def _in_background(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def aclose(self) -> None:
         """Waits for background settlements to finish."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.drain()
 
 
 def usage_of_interruption(metadata: Mapping[str, str]) -> common_pb2.Usage | None:

@@ -922,26 +922,8 @@ class QdrantDocumentIndex(QdrantCollection):
     PAGE = 256
     """Points per upsert request."""
 
-    def __init__(
-        self,
-        dimensions: int,
-        *,
-        url: str | None = None,
-        location: str | None = None,
-        path: Path | None = None,
-        collection: str = "strata_knowledge",
-        api_key: str | None = None,
-        timeout_s: float = 5.0,
-    ) -> None:
-        super().__init__(
-            dimensions,
-            url=url,
-            location=location,
-            path=path,
-            collection=collection,
-            api_key=api_key,
-            timeout_s=timeout_s,
-        )
+    COLLECTION = "strata_knowledge"
+    TIMEOUT_S = 5.0
 
     def payload_schemas(self) -> PayloadSchemas:
         return {
