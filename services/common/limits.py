@@ -16,13 +16,14 @@ up while it is being turned away.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from services.common.errors import Overloaded
+from services.common.interception import around_each_call
 from strata.common.v1 import common_pb2
 
 DEFAULT_PUBLIC_INFLIGHT = 256
@@ -71,47 +72,18 @@ class InflightBound(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(UNCOUNTED_PREFIXES):
             return handler
         limit = self.limit
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def unary_unary(request: Any, context: Any) -> Any:
-                refusal = limit.try_acquire(_is_batch(request))
-                if refusal is not None:
-                    await context.abort_with_status(refusal)
-                try:
-                    return await inner(request, context)
-                finally:
-                    limit.release()
+        @contextlib.asynccontextmanager
+        async def counted(request: Any, context: Any) -> AsyncIterator[None]:
+            refusal = limit.try_acquire(_is_batch(request))
+            if refusal is not None:
+                await context.abort_with_status(refusal)
+            try:
+                yield
+            finally:
+                limit.release()
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                refusal = limit.try_acquire(_is_batch(request))
-                if refusal is not None:
-                    await context.abort_with_status(refusal)
-                try:
-                    result = inner_stream(request, context)
-                    if inspect.isawaitable(result):
-                        await result
-                    else:
-                        async for item in result:
-                            yield item
-                finally:
-                    limit.release()
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Strata has no client-streaming RPC; such a call would run uncounted.
-        return handler
+        return around_each_call(handler, counted)
 
 
 def hard_bound(max_inflight: int) -> int:

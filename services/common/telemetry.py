@@ -17,7 +17,6 @@ configured providers (and to no-op ones in unit tests that configure nothing).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.common import semconv
 from services.common.errors import RequestInvalid, StrataError
+from services.common.interception import around_each_call
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -493,69 +493,27 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                 span.set_attribute(semconv.RPC_GRPC_STATUS_CODE, code.value[0])
             span.end()
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        @contextlib.asynccontextmanager
+        async def traced(request: Any, context: Any) -> AsyncIterator[None]:
+            span = start(context)
+            token = otel_context.attach(trace.set_span_in_context(span))
+            err: BaseException | None = None
+            try:
+                if isinstance(request, _Undecodable):
+                    err = request.error()
+                    await context.abort_with_status(err.to_status())
+                yield
+            except BaseException as caught:
+                err = err or caught
+                raise
+            finally:
+                # A stream closed from another task ends in another context: the
+                # attachment went with the context it was made in.
+                if trace.get_current_span() is span:
+                    otel_context.detach(token)
+                finish(span, context, err)
 
-            async def unary_unary(request: Any, context: Any) -> Any:
-                span = start(context)
-                token = otel_context.attach(trace.set_span_in_context(span))
-                err: BaseException | None = None
-                try:
-                    if isinstance(request, _Undecodable):
-                        raise request.error()
-                    return await inner(request, context)
-                except StrataError as caught:
-                    # (only an undecodable request's error reaches here: handlers map theirs)
-                    err = caught
-                    await context.abort_with_status(caught.to_status())
-                except BaseException as caught:
-                    err = caught
-                    raise
-                finally:
-                    # A stream closed from another task ends in another context: the
-                    # attachment went with the context it was made in.
-                    if trace.get_current_span() is span:
-                        otel_context.detach(token)
-                    finish(span, context, err)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                span = start(context)
-                token = otel_context.attach(trace.set_span_in_context(span))
-                err: BaseException | None = None
-                try:
-                    if isinstance(request, _Undecodable):
-                        err = request.error()
-                        await context.abort_with_status(err.to_status())
-                    result = inner_stream(request, context)
-                    if inspect.isawaitable(result):
-                        await result
-                    else:
-                        async for item in result:
-                            yield item
-                except BaseException as caught:
-                    err = caught
-                    raise
-                finally:
-                    # A stream closed from another task ends in another context: the
-                    # attachment went with the context it was made in.
-                    if trace.get_current_span() is span:
-                        otel_context.detach(token)
-                    finish(span, context, err)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return around_each_call(handler, traced, _tolerant(handler.request_deserializer))
 
 
 def server_interceptors(service: str) -> list[Any]:

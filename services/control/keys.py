@@ -243,6 +243,9 @@ class KeyStore:
         self._default_profile = default_profile
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
         """digest -> (record, or None for an unknown key; when it was read, monotonic)."""
+        self._fresh_since = 0.0
+        """Records read before this are read again (announcements were lost meanwhile); they
+        still serve `last_known` while Redis does not answer."""
         self._listener: asyncio.Task[None] | None = None
 
     async def authenticate(self, presented: str) -> KeyRecord:
@@ -255,7 +258,7 @@ class KeyStore:
             raise ApiKeyInvalid("API key hash is malformed")
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and now - cached[1] < (CACHE_S if cached[0] else UNKNOWN_CACHE_S):
+        if cached is not None and self._fresh(cached, now):
             record = cached[0]
         else:
             record = await self._load(digest)
@@ -263,6 +266,11 @@ class KeyStore:
                 self._cache.clear()
             self._cache[digest] = (record, now)
         return _valid(record)
+
+    def _fresh(self, cached: tuple[KeyRecord | None, float], now: float) -> bool:
+        record, read_at = cached
+        ttl = CACHE_S if record is not None else UNKNOWN_CACHE_S
+        return read_at >= self._fresh_since and now - read_at < ttl
 
     def last_known(self, digest: str, max_age_s: float) -> KeyRecord:
         """The record this process last read for a key, if read within `max_age_s` (while
@@ -344,7 +352,7 @@ class KeyStore:
             except (redis.RedisError, OSError) as err:
                 # Without announcements the cache still expires within CACHE_S.
                 log.warning("key change announcements lost (%s); retrying", err)
-                self._cache.clear()
+                self._fresh_since = time.monotonic()
                 await asyncio.sleep(1.0)
 
     def start(self) -> None:

@@ -802,7 +802,18 @@ class Generator:
         call.clock.lap("settlement")
         self._account(call, tally, usage, cost)
         if self._records is not None:
-            self._background.run(self._records.save(self._record(call, tally, usage, cost)))
+            # Built and saved after the reply: none of it is on the request's path.
+            self._background.run(self._save_record(call, tally, usage, cost))
+
+    async def _save_record(
+        self,
+        call: _Call,
+        tally: _Tally,
+        usage: common_pb2.Usage,
+        cost: common_pb2.Cost | None,
+    ) -> None:
+        assert self._records is not None
+        await self._records.save(self._record(call, tally, usage, cost))
 
     def _account(
         self,
