@@ -36,7 +36,13 @@ from tests.helpers import bearer, fresh_stack, rich_error, usage_record, user
 RESERVATION_TTL_S = 2
 SWEEP_INTERVAL_S = 0.5
 GRACE_S = 6.0
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # A replica that stops cancels what is still open on it when its grace ends; the
+    # client did not cancel, and the request id makes the retry safe.
+    grpc.StatusCode.CANCELLED,
+}
 """What the load loop's client retries (with the same request id)."""
 
 
