@@ -19,13 +19,13 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import limits, logs, security, telemetry
+from services.common import interception, limits, logs, loops, security, telemetry
 from services.common.settings import ConfigError, ServiceSettings, load_settings
 from services.common.tasks import cancel_and_wait
 
@@ -167,16 +167,18 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
     inflight = limits.inflight_limit(
         settings.max_inflight, internal, settings.batch_share, settings.overload_retry_after_s
     )
+    # The token check is an interceptor: it refuses before the request is parsed. The rest
+    # wraps each method once, as it is registered (see services.common.interception).
     guards: list[Any] = []
     if internal and trust.token:
         guards.append(security.InternalTokenCheck(trust.token))
-    guards.append(limits.InflightBound(inflight))
     server = grpc.aio.server(
         options=server_options(settings),
-        interceptors=[*guards, *telemetry.server_interceptors(service.name)],
+        interceptors=guards or None,
         maximum_concurrent_rpcs=limits.hard_bound(inflight.limit),
     )
-    service.register(server)
+    wrap = interception.chain(limits.counting(inflight), telemetry.server_tracing(service.name))
+    service.register(cast(grpc.aio.Server, interception.WrappingServer(server, wrap)))
     health_servicer = health.aio.HealthServicer()
     for name in ["", *service.service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -216,7 +218,7 @@ def main(
     """Entry point of `python -m services.<name>`: settings from the environment, then `run`."""
     settings = load_settings(settings_class)
     try:
-        asyncio.run(run(name, settings, lambda: build(settings)))
+        loops.run(run(name, settings, lambda: build(settings)), settings.event_loop)
     except ConfigError as err:
         sys.exit(f"{name}: {err}")
 

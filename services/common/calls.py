@@ -27,11 +27,19 @@ from services.common.errors import DeadlineExceeded
 
 REQUEST_ID_KEY = "x-request-id"
 
-RERUN_IF_CUT: ContextVar[Callable[[], bool]] = ContextVar("rerun_if_cut", default=lambda: False)
+
+def never_rerun() -> bool:
+    """The default of RERUN_IF_CUT: a cut call is not run again."""
+    return False
+
+
+RERUN_IF_CUT: ContextVar[Callable[[], bool]] = ContextVar("rerun_if_cut", default=never_rerun)
 """Set by whoever runs calls that run again under the same request ids when they are cut
 (the job worker, when it hands a job back or another worker took it over): while it says
 so, a cancelled call leaves its admission reserved for that rerun instead of settling it,
-so the work is charged once, by the run that finishes it."""
+so the work is charged once, by the run that finishes it. Such calls also settle only once
+they end: a call settled before it ends (while the cache stores its answer) and then cut
+would be charged again by its rerun."""
 
 
 IDEMPOTENT: dict[str, tuple[str, ...]] = {

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from services.common.errors import Overloaded
-from services.common.interception import around_each_call
+from services.common.interception import Wrap, around_each_call
 from strata.common.v1 import common_pb2
 
 DEFAULT_PUBLIC_INFLIGHT = 256
@@ -60,30 +60,25 @@ def _is_batch(request: Any) -> bool:
     return getattr(request, "priority", None) == common_pb2.PRIORITY_BATCH
 
 
-class InflightBound(grpc.aio.ServerInterceptor):
-    """Counts each call against an `InflightLimit` until it ends; refuses it past the bound."""
+def counting(limit: InflightLimit) -> Wrap:
+    """Counts each call against `limit` until it ends; refuses it past the bound."""
 
-    def __init__(self, limit: InflightLimit) -> None:
-        self.limit = limit
+    @contextlib.asynccontextmanager
+    async def counted(request: Any, context: Any) -> AsyncIterator[None]:
+        refusal = limit.try_acquire(_is_batch(request))
+        if refusal is not None:
+            await context.abort_with_status(refusal)
+        try:
+            yield
+        finally:
+            limit.release()
 
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or method.startswith(UNCOUNTED_PREFIXES):
+    def wrap(method: str, handler: Any) -> Any:
+        if method.startswith(UNCOUNTED_PREFIXES):
             return handler
-        limit = self.limit
-
-        @contextlib.asynccontextmanager
-        async def counted(request: Any, context: Any) -> AsyncIterator[None]:
-            refusal = limit.try_acquire(_is_batch(request))
-            if refusal is not None:
-                await context.abort_with_status(refusal)
-            try:
-                yield
-            finally:
-                limit.release()
-
         return around_each_call(handler, counted)
+
+    return wrap
 
 
 def hard_bound(max_inflight: int) -> int:

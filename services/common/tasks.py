@@ -34,10 +34,12 @@ class Background:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Future[None]] = set()
 
-    def run(self, work: Awaitable[None]) -> None:
+    def run(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        """Starts `work`; it runs to its end even when whoever started it is cancelled."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def drain(self) -> None:
         """Waits for the work still running (its errors were logged where they arose)."""

@@ -17,6 +17,7 @@ configured providers (and to no-op ones in unit tests that configure nothing).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -37,7 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.common import semconv
 from services.common.errors import RequestInvalid, StrataError
-from services.common.interception import around_each_call
+from services.common.interception import Wrap, around_each_call
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,15 @@ class Telemetry:
     content_max_bytes: int = 4096
     metrics_port: int | None = None
     _stop_metrics_server: Callable[[], None] | None = None
+    _tracer: trace.Tracer | None = None
 
     @property
     def tracer(self) -> trace.Tracer:
-        return self.tracer_provider.get_tracer(f"strata.{self.service}")
+        # Made once: the SDK builds a new tracer on every get_tracer (about 7 µs), and every
+        # call and step of a request asks for it.
+        if self._tracer is None:
+            self._tracer = self.tracer_provider.get_tracer(f"strata.{self.service}")
+        return self._tracer
 
     def shutdown(self) -> None:
         """Flushes what is queued (bounded by the exporter's timeout) and stops exporting."""
@@ -456,16 +462,13 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-class _ServerTracing(grpc.aio.ServerInterceptor):
-    """Opens each call's SERVER span under the caller's trace context."""
+def server_tracing(service: str) -> Wrap:
+    """Opens each call's SERVER span under the caller's trace context (health and
+    reflection calls have none); a request that cannot be parsed is refused with
+    INVALID_ARGUMENT."""
 
-    def __init__(self, service: str) -> None:
-        self._service = service
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or method.startswith("/grpc."):
+    def wrap(method: str, handler: Any) -> Any:
+        if method.startswith("/grpc."):
             return handler
         full_service, _, name = method.lstrip("/").partition("/")
         attributes = {
@@ -474,7 +477,6 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
             semconv.RPC_METHOD: name,
         }
         span_name = method.lstrip("/")
-        service = self._service
 
         def start(context: grpc.aio.ServicerContext[Any, Any]) -> Span:
             parent = extract_metadata(context.invocation_metadata())
@@ -507,17 +509,20 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                 err = err or caught
                 raise
             finally:
-                # A stream closed from another task ends in another context: the
-                # attachment went with the context it was made in.
-                if trace.get_current_span() is span:
-                    otel_context.detach(token)
+                _detach(token)
                 finish(span, context, err)
 
         return around_each_call(handler, traced, _tolerant(handler.request_deserializer))
 
+    return wrap
 
-def server_interceptors(service: str) -> list[Any]:
-    return [_ServerTracing(service)]
+
+def _detach(token: contextvars.Token[Any]) -> None:
+    """Undoes an attach, where it was made. A stream closed from another task (or by the
+    loop's finalizer) ends in another context, perhaps a copy of the one attached to: the
+    attachment went with the context it was made in, and there is nothing to undo."""
+    with contextlib.suppress(ValueError):
+        token.var.reset(token)
 
 
 @contextlib.contextmanager
@@ -531,8 +536,7 @@ def current_in_generator(span: Span, *, end: bool = True) -> Iterator[Span]:
     try:
         yield span
     finally:
-        if trace.get_current_span() is span:
-            otel_context.detach(token)
+        _detach(token)
         if end:
             span.end()
 

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.common import logs, telemetry
+from services.common import logs, loops, telemetry
 from services.common.calls import open_channel
 from services.common.errors import STATUS_DETAILS_KEY
 from services.common.security import Trust
@@ -677,4 +677,5 @@ async def run(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(GatewaySettings)))
+    settings = load_settings(GatewaySettings)
+    loops.run(run(settings), settings.event_loop)

@@ -37,7 +37,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import trace
 
 from services.common import semconv, telemetry
-from services.common.calls import RERUN_IF_CUT, Deadline
+from services.common.calls import RERUN_IF_CUT, Deadline, never_rerun
 from services.common.catalog import Catalog
 from services.common.chat import assemble_tool_calls, tool_call_pieces
 from services.common.errors import (
@@ -398,6 +398,7 @@ class Generator:
         hit = found if found is not None and found.match else None
         if hit is not None:
             tally.cache_match, tally.cache_similarity = hit.match, hit.similarity
+        settling: asyncio.Future[None] | None = None
         try:
             if hit is not None:
                 tally.model = config.name
@@ -418,16 +419,26 @@ class Generator:
                         async with aclosing(self._run_plan(call, tally)) as events:
                             async for event in events:
                                 yield event
+                        # The answer is final: settle it while the cache stores it (and the
+                        # single flight ends), not after; the reply waits for both. (A job's
+                        # run settles at its end: see RERUN_IF_CUT.)
+                        if RERUN_IF_CUT.get() is never_rerun:
+                            tally.outcome = control_pb2.OUTCOME_SUCCESS
+                            settling = self._background.run(self._settle(call, tally))
                         if prepared.writes:
                             await self._store(call, tally)
             tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
+            if settling is not None:
+                raise  # the answer was whole: its settlement goes on in the background
             tally.outcome = control_pb2.OUTCOME_CANCELLED
             tally.error = "CANCELLED"
             if not RERUN_IF_CUT.get()():
                 self._background.run(self._settle(call, tally))
             raise
         except Exception as err:
+            if settling is not None:
+                raise
             tally.error = err.reason if isinstance(err, StrataError) else "INTERNAL"
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
                 # The executor counted what the broken stream used; charge that.
@@ -436,7 +447,10 @@ class Generator:
                 tally.cost = model.cost(tally.usage) if tally.usage else None
             self._background.run(self._settle(call, tally))
             raise
-        await self._settle(call, tally)
+        if settling is None:
+            await self._settle(call, tally)
+        else:
+            await settling
         semantic = hit is not None and hit.match == common_pb2.CACHE_MATCH_SEMANTIC
         if semantic and self._audit_rate and random.random() < self._audit_rate:
             assert hit is not None
