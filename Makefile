@@ -19,7 +19,7 @@ BREAKING_AGAINST ?= $(shell git merge-base HEAD origin/main 2>/dev/null \
 	|| git log --diff-filter=A --format=%H -- protos/buf.yaml 2>/dev/null | tail -1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack test-resilience bench-cache bench-tracing clean node-client
+.PHONY: help install proto proto-check lint fmt run test test-unit test-grpc test-stack test-resilience bench-cache bench-tracing bench-soak profile clean node-client
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -95,6 +95,12 @@ bench-cache: $(INSTALLED) ## Semantic cache quality on labelled pairs, and looku
 
 bench-tracing: $(INSTALLED) ## Latency of Generate with traces exported vs not (p50, p95)
 	@$(PY) -m bench.tracing_overhead
+
+bench-soak: $(INSTALLED) ## RSS of each service over 500k requests (SOAK_ARGS="--requests 20000" for a short run)
+	@$(PY) -m bench.soak $(SOAK_ARGS)
+
+profile: $(INSTALLED) ## py-spy profile of each service under load (PROFILE_ARGS="--concurrency 4 --native")
+	@$(PY) -m bench.profile_stack $(PROFILE_ARGS)
 
 node-client: $(NODE_INSTALLED) ## Install the Node.js client's pinned dependencies (clients/node)
 

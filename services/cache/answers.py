@@ -51,7 +51,7 @@ from services.common.errors import (
     RequestInvalid,
     StrataError,
 )
-from services.common.redis_state import RedisOutage, redis_errors
+from services.common.redis_state import RedisOutage, queue_script, redis_errors, run_pipeline
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 
@@ -92,6 +92,20 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / norm if norm else 0.0
 
 
+_STORE = """
+-- KEYS: the answer, the tenant's entries (zset: digest -> stored at), its sizes (hash:
+-- digest -> bytes, and total). ARGV: the answer's bytes, ttl seconds, digest, now.
+-- Stores the answer and keeps the tenant's count and byte total; returns {count, total}
+-- so the caller checks the caps without another round trip.
+local previous = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], #ARGV[1])
+local total = redis.call('HINCRBY', KEYS[3], 'total', #ARGV[1] - previous)
+return {redis.call('ZCARD', KEYS[2]), total}
+"""
+
+
 class AnswerCache:
     """Finds, stores, audits and drops answers."""
 
@@ -110,6 +124,7 @@ class AnswerCache:
         self._policy = policy
         self._vectors: OrderedDict[str, list[float]] = OrderedDict()
         self._outage = RedisOutage("cache")
+        self._store_script = client.register_script(_STORE)
 
     @contextmanager
     def _answers(self) -> Iterator[None]:
@@ -239,16 +254,18 @@ class AnswerCache:
         digest = entry_id(scope, messages)
         now = time.time()
         entries, sizes = _entries_key(tenant), _sizes_key(tenant)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(redis_key(tenant, digest), body, ex=ttl_s)
-            pipe.zadd(entries, {digest: now})
-            pipe.hget(sizes, digest)
-            pipe.hset(sizes, digest, len(body))
-            with self._answers():
-                replies: Any = await pipe.execute()
-        previous = int(replies[2] or 0)
-        with redis_errors():
-            await self._redis.hincrby(sizes, "total", len(body) - previous)
+        with self._answers():
+            held: Any = await run_pipeline(
+                self._redis,
+                lambda pipe: queue_script(
+                    pipe,
+                    self._store_script,
+                    [redis_key(tenant, digest), entries, sizes],
+                    [body, math.ceil(ttl_s), digest, now],
+                ),
+                [self._store_script],
+            )
+        count, total = (int(n) for n in held[0])
         self._stats.count(tenant, "stores")
 
         # An answer made with reuse by meaning turned off is kept for exact reuse only: no
@@ -278,7 +295,8 @@ class AnswerCache:
             except SEMANTIC_FAULTS as err:
                 log.warning("vector index store failed (%s); exact reuse only", _fault(err))
                 self._stats.count(tenant, "semantic_failures")
-        await self._enforce_caps(tenant)
+        if count > self._policy.max_entries_per_tenant or total > self._policy.max_bytes_per_tenant:
+            await self._enforce_caps(tenant)
         return digest
 
     async def store_batch(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:

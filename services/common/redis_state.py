@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import DependencyUnavailable
@@ -52,6 +55,43 @@ def redis_errors() -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as err:
         raise DependencyUnavailable("redis") from err
+
+
+def queue_script(pipe: Any, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
+    """Queues a Lua script on a pipeline by its sha alone.
+
+    (Given a pipeline, redis-py's script object has the pipeline ask SCRIPT EXISTS before
+    every execute: one more round trip per decision. `run_pipeline` loads the scripts when
+    Redis lost them, instead.)"""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def run_pipeline(
+    client: redis.Redis,
+    build: Callable[[Any], None],
+    scripts: Sequence[AsyncScript],
+    *,
+    transaction: bool = False,
+) -> list[Any]:
+    """Builds a pipeline with `build` (scripts queued by `queue_script`) and runs it in one
+    round trip. A Redis that lost the scripts (restarted, flushed, a new primary) answers
+    NOSCRIPT: they are loaded and the pipeline runs again, once, so its other commands
+    run twice then: queue only scripts and commands that may. Connection failures and
+    timeouts raise DependencyUnavailable."""
+    for attempt in range(2):
+        async with client.pipeline(transaction=transaction) as pipe:
+            build(pipe)
+            try:
+                with redis_errors():
+                    replies: list[Any] = await pipe.execute()
+                return replies
+            except NoScriptError:
+                if attempt:
+                    raise
+        with redis_errors():
+            for script in scripts:
+                await client.script_load(script.script)
+    raise AssertionError("unreachable")
 
 
 class RedisOutage:

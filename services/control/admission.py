@@ -53,7 +53,7 @@ import datetime as dt
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -79,7 +79,7 @@ from services.common.errors import (
     StrataError,
 )
 from services.common.guardrails import Action, Guardrails, Verdict
-from services.common.redis_state import RedisOutage, redis_errors
+from services.common.redis_state import RedisOutage, queue_script, redis_errors, run_pipeline
 from services.common.validation import MAX_TOKENS, check_name, check_request_id
 from services.control.keys import (
     TENANTS_SET,
@@ -304,6 +304,8 @@ class AdmissionControl:
         self._expire = client.register_script(_script("common.lua", "expire.lua"))
         self._breaker = client.register_script(_script("breaker.lua"))
         self._release_script = client.register_script(_script("common.lua", "release.lua"))
+        self._scripts = (self._admit, self._settle, self._breaker)
+        """The scripts queued in pipelines (loaded again together when Redis lost them)."""
         # Degraded mode (see the module docstring): what was last read from Redis.
         self._outage = RedisOutage("control")
         self._outage_grace_s = outage_grace_s
@@ -489,17 +491,21 @@ class AdmissionControl:
         # The policy rides along (no extra round trip) now and then, for degraded mode.
         read_policy = known is None or time.monotonic() - known[1] > POLICY_REFRESH_S
         for _ in range(3):
-            async with self._redis.pipeline(transaction=False) as pipe:
+
+            def build(pipe: Any, day: int = day, month: int = month) -> None:
                 for model, _ in priced:
-                    await self._breaker(
-                        keys=model_keys(model.name),
-                        args=["check", int(batch), BATCH_SHARE, tokens, 0, *_breaker_args(model)],
-                        client=pipe,
+                    queue_script(
+                        pipe,
+                        self._breaker,
+                        model_keys(model.name),
+                        ["check", int(batch), BATCH_SHARE, tokens, 0, *_breaker_args(model)],
                     )
                 if read_policy:
                     pipe.hgetall(names.policy)
-                await self._admit(
-                    keys=[
+                queue_script(
+                    pipe,
+                    self._admit,
+                    [
                         names.policy,
                         names.pending,
                         names.reservations,
@@ -511,7 +517,7 @@ class AdmissionControl:
                         *names.usage_keys(key.team_id, key.key_id, day, month),
                         names.settled(request.request_id),
                     ],
-                    args=[
+                    [
                         request.request_id,
                         key.key_id,
                         key.team_id,
@@ -524,10 +530,9 @@ class AdmissionControl:
                         BATCH_SHARE,
                         priced[0][0].name,
                     ],
-                    client=pipe,
                 )
-                with redis_errors():
-                    results = await pipe.execute()
+
+            results = await run_pipeline(self._redis, build, self._scripts)
             if read_policy:
                 policy = {_text(k): _text(v) for k, v in results[len(priced)].items()}
                 if len(self._policies) > 100_000:
@@ -561,15 +566,17 @@ class AdmissionControl:
         """Lets another request probe the half-open breakers this refused request held."""
         if not models:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for model in models:
-                await self._breaker(
-                    keys=model_keys(model.name),
-                    args=["release", 0, 1, 0, 0, *_breaker_args(model)],
-                    client=pipe,
+                queue_script(
+                    pipe,
+                    self._breaker,
+                    model_keys(model.name),
+                    ["release", 0, 1, 0, 0, *_breaker_args(model)],
                 )
-            with redis_errors():
-                await pipe.execute()
+
+        await run_pipeline(self._redis, build, self._scripts)
 
     # --- settlement ------------------------------------------------------------------
 
@@ -623,17 +630,18 @@ class AdmissionControl:
         return written
 
     async def _settle_now(self, request: control_pb2.SettleRequest) -> bool:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        def records(pipe: Any) -> None:
             for attempt in request.attempts:
                 model = self._catalog.get(attempt.model)
                 failed = not attempt.success and attempt.error_reason in BREAKER_FAILURES
                 if model is None or not (attempt.success or failed):
                     continue
                 used = attempt.usage.input_tokens + attempt.usage.output_tokens
-                await self._breaker(
-                    keys=model_keys(model.name),
-                    args=["record", 0, 1, used, int(attempt.success), *_breaker_args(model)],
-                    client=pipe,
+                queue_script(
+                    pipe,
+                    self._breaker,
+                    model_keys(model.name),
+                    ["record", 0, 1, used, int(attempt.success), *_breaker_args(model)],
                 )
             if request.guardrail_findings:
                 _add_findings(
@@ -643,8 +651,7 @@ class AdmissionControl:
                     "output",
                     request.guardrail_findings,
                 )
-            with redis_errors():
-                await pipe.execute()
+
         return await self._apply_settlement(
             request.request_id,
             request.tenant_id,
@@ -657,6 +664,7 @@ class AdmissionControl:
             request.cost.total_usd_micros,
             request.cache_status == common_pb2.CACHE_STATUS_HIT,
             request.admission,
+            records,
         )
 
     async def _apply_settlement(
@@ -672,27 +680,41 @@ class AdmissionControl:
         cost: int,
         cache_hit: bool,
         admission: int,
+        before: Callable[[Any], None] | None = None,
     ) -> bool:
+        """Applies the settlement script; `before` queues commands that go in the same round
+        trip, ahead of it (breaker records, findings), on the first attempt only."""
         names = TenantKeys(tenant_id)
         day, month = periods()
         for _ in range(3):
-            with redis_errors():
-                result = await self._settle(
-                    keys=[
+
+            def build(
+                pipe: Any,
+                day: int = day,
+                month: int = month,
+                ids: tuple[str, str] = (key_id, team_id),
+                ahead: Callable[[Any], None] | None = before,
+            ) -> None:
+                if ahead is not None:
+                    ahead(pipe)
+                queue_script(
+                    pipe,
+                    self._settle,
+                    [
                         names.settled(request_id),
                         names.pending,
                         names.reservations,
                         names.reserved,
                         names.expired,
                         names.policy,
-                        names.rate("key", key_id, "tok"),
+                        names.rate("key", ids[0], "tok"),
                         names.rate("tenant", "", "tok"),
-                        *names.usage_keys(team_id, key_id, day, month),
+                        *names.usage_keys(ids[1], ids[0], day, month),
                     ],
-                    args=[
+                    [
                         request_id,
-                        key_id,
-                        team_id,
+                        ids[0],
+                        ids[1],
                         day,
                         month,
                         input_tokens,
@@ -705,6 +727,9 @@ class AdmissionControl:
                         admission,
                     ],
                 )
+
+            result = (await run_pipeline(self._redis, build, self._scripts))[-1]
+            before = None
             if result[0] == -2:
                 # The reservation belongs to another key or team than the call said: charge
                 # the holders the money was reserved for.

@@ -87,6 +87,23 @@ async def test_entries_expire_as_asked_and_within_the_cap(
     assert 0 < redis_db.ttl(key) <= 3600
 
 
+async def test_a_store_keeps_the_byte_total_in_one_round_trip_and_survives_a_script_flush(
+    cache: Served, redis_db: redis.Redis
+) -> None:
+    """The store is one script: it keeps the tenant's size total (replacing an entry counts
+    its new size only) and is loaded again when Redis lost it."""
+    redis_db.script_flush()
+    entry = await store(cache, scope(tenant="sizes"))
+    sizes = "strata:cache:sizes:sizes"
+    one = int(redis_db.hget(sizes, entry) or 0)
+    assert one > 0 and int(redis_db.hget(sizes, "total") or 0) == one
+    await store(cache, scope(tenant="sizes"))  # the same entry again
+    assert int(redis_db.hget(sizes, "total") or 0) == one
+    assert redis_db.zcard("strata:cache:entries:sizes") == 1
+    found = await lookup(cache, scope(tenant="sizes"))
+    assert found.match == common_pb2.CACHE_MATCH_EXACT
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [

@@ -215,3 +215,41 @@ async def test_health_serves_once_redis_answers(control: Served) -> None:
         async for reply in stub.Watch(request):
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 break
+
+
+async def test_admission_and_settlement_survive_redis_losing_its_scripts(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """The scripts go by sha alone (no SCRIPT EXISTS per call); a Redis that lost them
+    (restarted, flushed, failed over) gets them again and the call goes through once."""
+    request_id = uuid.uuid4().hex
+    redis_db.script_flush()
+    admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
+    assert admitted.reserved_tokens == 30
+    redis_db.script_flush()
+    reply = await control.stub.Settle(settle_request(admitted, request_id, 11, 22))
+    assert reply.applied
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["input_tokens"], usage["output_tokens"]) == (1, 11, 22)
+    assert not redis_db.hexists("strata:{t:acme}:reservations", request_id)
+
+
+async def test_a_decision_asks_redis_no_script_exists(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """redis-py's scripts in a pipeline ask SCRIPT EXISTS before every execute: a round trip
+    per admission and settlement that Strata does not make."""
+    warm = uuid.uuid4().hex
+    admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=warm))
+    await control.stub.Settle(settle_request(admitted, warm, 1, 1))
+
+    def script_calls() -> int:
+        stats = redis_db.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_script"))
+
+    before = script_calls()
+    for _ in range(3):
+        request_id = uuid.uuid4().hex
+        admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
+        await control.stub.Settle(settle_request(admitted, request_id, 1, 1))
+    assert script_calls() == before
