@@ -5,11 +5,12 @@
         [--results bench/RESULTS.md]
 
 Starts the local upstream and Strata's four services (each its own process), then sends
-`--requests` requests over gRPC at `--concurrency`: a mix of new questions answered unary (exact reuse only: admission, exact miss, executor, store,
-settlement), the same for streams, and repeats that the cache answers. Reads each
-service's resident memory (RSS, from /proc) `--samples` times along the way. Growth is
-measured from the first sample after the warm-up share (`--warmup`, 10% by default: pools,
-caches and allocator arenas fill first) to the last; the target is at most 5%.
+`--requests` requests over gRPC at `--concurrency`: a mix of new questions answered unary
+(exact reuse only: admission, exact miss, executor, store, settlement), the same for
+streams, and repeats that the cache answers. Reads each service's resident memory (RSS,
+from /proc) `--samples` times along the way. Growth is measured from the first sample
+after the warm-up share (`--warmup`, 10% by default: pools, caches and allocator arenas
+fill first) to the last; the target is at most 5%.
 
 Results go between the soak markers of `--results` and every sample as JSON under
 bench/.work/.
