@@ -93,9 +93,9 @@ async def soak(address: str, key: str, args: argparse.Namespace, parts: dict[str
                 done += 1
                 if done % every == 0:
                     elapsed = time.perf_counter() - started
-                    sample = {"requests": done, "elapsed_s": elapsed, "rss_mib": rss_mib(parts)}
-                    samples.append(sample)
-                    rss = ", ".join(f"{k} {v:.0f}" for k, v in sample["rss_mib"].items())
+                    now = rss_mib(parts)
+                    samples.append({"requests": done, "elapsed_s": elapsed, "rss_mib": now})
+                    rss = ", ".join(f"{k} {v:.0f}" for k, v in now.items())
                     print(
                         f"    {done:>8} requests  {done / elapsed:6.0f}/s  "
                         f"errors {sum(errors.values())}  RSS MiB: {rss}",
