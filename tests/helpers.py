@@ -1,10 +1,14 @@
-"""Small helpers for reading Strata's rich errors in tests."""
+"""Small helpers of the tests: Strata's rich errors, usage records, waiting for state."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -114,3 +118,41 @@ def fresh_stack(
         redis_url=redis_url,
         env=env,
     ).start()
+
+
+async def eventually(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+    """Polls `check` (sync or async) until it returns something truthy, within a bound.
+
+    For what a request leaves behind after its reply (its settlement, its stored answer,
+    its record, its breaker records): the reply does not wait for them."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await asyncio.sleep(0.02)
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+    """`eventually` for synchronous tests."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s}s: {check}")
+        time.sleep(0.02)
+    return result
+
+
+def reserved(client: redis.Redis, tenant: str = "acme") -> int:
+    """Reservations the tenant holds: one per admitted request not yet settled."""
+    return int(client.hlen(f"strata:{{t:{tenant}}}:reservations"))
+
+
+def wait_until_nothing_reserved(
+    client: redis.Redis, timeout_s: float = 10.0, tenant: str = "acme"
+) -> None:
+    """Until every request the tenant was admitted for is settled (settlements land after
+    the replies)."""
+    wait_until(lambda: reserved(client, tenant) == 0, timeout_s)

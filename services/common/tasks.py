@@ -42,6 +42,7 @@ class Background:
         return task
 
     async def drain(self) -> None:
-        """Waits for the work still running (its errors were logged where they arose)."""
-        if self._tasks:
+        """Waits for the work still running, and for work it starts meanwhile (a settlement
+        that then saves its record); errors were logged where they arose."""
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

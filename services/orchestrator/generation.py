@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,15 @@ REPLAY_CHUNK_CHARS = 64
 TENANT_MEMO_SIZE = 10_000
 TENANT_MEMO_S = 10.0
 """How long a key's tenant is remembered (a revoked key is still refused by Admit)."""
+SETTLEMENT_WAIT_S = 1.0
+"""Longest an admission refused for capacity waits for this replica's settlements of the
+tenant under way before it asks again."""
+HELD_BY_SETTLEMENTS = frozenset({"CONCURRENCY_LIMITED", "RATE_LIMITED", "BUDGET_EXCEEDED"})
+"""Refusals that a reservation still held by an answered request can cause."""
+STORED_GRACE_S = 5.0
+"""How long after storing an answer in the background an identical request of the same
+replica that misses still waits for that store and looks again (a lookup that began just
+before the store landed)."""
 
 _STORABLE = {
     common_pb2.FINISH_REASON_STOP,
@@ -305,6 +314,10 @@ class Generator:
         self._records = records
         self._tenant_of_key: dict[bytes, _Known] = {}
         self._background = Background()
+        self._unsettled: dict[str, set[asyncio.Future[None]]] = {}
+        """Settlements under way, by tenant."""
+        self._storing: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Stores after the reply, by tenant and exact key (kept STORED_GRACE_S after)."""
 
     async def generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
@@ -406,7 +419,8 @@ class Generator:
                 for event in self._replay_hit(call, hit, cache_status):
                     yield event
             else:
-                async with self._single_flight(call, found) as again:
+                async with AsyncExitStack() as flight:
+                    again = await flight.enter_async_context(self._single_flight(call, found))
                     if again is not None:
                         # An identical request just finished: its answer is in the cache.
                         hit, tally.cache_status = again, common_pb2.CACHE_STATUS_HIT
@@ -419,13 +433,16 @@ class Generator:
                         async with aclosing(self._run_plan(call, tally)) as events:
                             async for event in events:
                                 yield event
-                        # The answer is final: settle it while the cache stores it (and the
-                        # single flight ends), not after; the reply waits for both. (A job's
-                        # run settles at its end: see RERUN_IF_CUT.)
                         if RERUN_IF_CUT.get() is never_rerun:
+                            # The answer is whole and sent: settle it and store it after
+                            # the reply (the single flight ends once it is stored).
                             tally.outcome = control_pb2.OUTCOME_SUCCESS
-                            settling = self._background.run(self._settle(call, tally))
-                        if prepared.writes:
+                            settling = self._settle_later(call, tally)
+                            if prepared.writes:
+                                self._store_after(call, tally, found, flight.pop_all())
+                        elif prepared.writes:
+                            # A job's run stores and settles before it ends: see
+                            # RERUN_IF_CUT.
                             await self._store(call, tally)
             tally.outcome = control_pb2.OUTCOME_SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
@@ -434,7 +451,7 @@ class Generator:
             tally.outcome = control_pb2.OUTCOME_CANCELLED
             tally.error = "CANCELLED"
             if not RERUN_IF_CUT.get()():
-                self._background.run(self._settle(call, tally))
+                self._settle_later(call, tally)
             raise
         except Exception as err:
             if settling is not None:
@@ -445,12 +462,14 @@ class Generator:
                 tally.usage = usage_of_interruption(err.metadata)
                 model = self._catalog.get(tally.model) or config
                 tally.cost = model.cost(tally.usage) if tally.usage else None
-            self._background.run(self._settle(call, tally))
+            self._settle_later(call, tally)
             raise
         if settling is None:
-            await self._settle(call, tally)
-        else:
-            await settling
+            # A cache hit: settled after the reply too (a job's run, before it ends).
+            if RERUN_IF_CUT.get() is never_rerun:
+                self._settle_later(call, tally)
+            else:
+                await self._settle(call, tally)
         semantic = hit is not None and hit.match == common_pb2.CACHE_MATCH_SEMANTIC
         if semantic and self._audit_rate and random.random() < self._audit_rate:
             assert hit is not None
@@ -478,6 +497,55 @@ class Generator:
             )
         )
 
+    def _store_after(
+        self,
+        call: _Call,
+        tally: _Tally,
+        found: cache_pb2.LookupResponse | None,
+        flight: AsyncExitStack,
+    ) -> None:
+        """Stores the answer in the background, then ends the request's single flight
+        (identical requests waiting on it find the answer stored). Until then, and for
+        STORED_GRACE_S after, an identical request of this replica that misses waits for
+        the store and looks again, so a client repeating a question gets the answer it
+        was just sent from the cache."""
+        key = (call.admission.tenant_id, found.exact_key) if found and found.exact_key else None
+
+        async def store() -> None:
+            async with flight:
+                await self._store(call, tally)
+
+        task = self._background.run(store())
+        if key is not None:
+            self._storing[key] = task
+
+            def forget(_: object) -> None:
+                loop = asyncio.get_running_loop()
+                loop.call_later(STORED_GRACE_S, self._forget_store, key, task)
+
+            task.add_done_callback(forget)
+
+    def _forget_store(self, key: tuple[str, str], task: asyncio.Future[None]) -> None:
+        if self._storing.get(key) is task:
+            del self._storing[key]
+
+    async def _stored_here(
+        self, call: _Call, found: cache_pb2.LookupResponse
+    ) -> cache_pb2.LookupResponse | None:
+        """The cache's answer when this replica just stored (or is storing) an identical
+        request's: waits for that store, then looks again. None otherwise."""
+        pending = self._storing.get((call.admission.tenant_id, found.exact_key))
+        if pending is None:
+            return None
+        try:
+            async with asyncio.timeout(call.deadline.remaining()):
+                await asyncio.shield(pending)
+        except TimeoutError:
+            return None
+        prepared = call.prepared
+        again, status = await self._lookup(prepared, call.messages, call.admission.tenant_id)
+        return again if again is not None and status == common_pb2.CACHE_STATUS_HIT else None
+
     @asynccontextmanager
     async def _single_flight(
         self, call: _Call, found: cache_pb2.LookupResponse | None
@@ -489,6 +557,9 @@ class Generator:
         prepared = call.prepared
         if found is None or not found.exact_key or not (prepared.reads and prepared.writes):
             yield None
+            return
+        if (stored := await self._stored_here(call, found)) is not None:
+            yield stored
             return
         async with self._flight.leader(
             call.admission.tenant_id, found.exact_key, call.deadline
@@ -526,7 +597,7 @@ class Generator:
         try:
             with _span(semconv.SPAN_ADMISSION) as span:
                 try:
-                    admission = await self._control.admit(admit, prepared.deadline)
+                    admission = await self._admit(admit, prepared.deadline, predicted)
                 except StrataError as err:
                     span.set_attributes(
                         {
@@ -575,9 +646,42 @@ class Generator:
                 tally.outcome = control_pb2.OUTCOME_CANCELLED
                 if RERUN_IF_CUT.get()():
                     raise
-            self._background.run(self._settle(call, tally))
+            self._settle_later(call, tally)
             raise
         return call, found, status
+
+    async def _admit(
+        self, admit: control_pb2.AdmitRequest, deadline: Deadline, tenant: str | None
+    ) -> control_pb2.AdmitResponse:
+        """Control's admission. Answered requests of this replica hold their reservations
+        (their worst case, a place in the tenant's concurrency) until their settlements,
+        which run after the replies, land: a refusal for capacity while some of the
+        tenant's are under way waits for them (at most SETTLEMENT_WAIT_S) and asks again,
+        once, so a client that sends its next request as soon as it has an answer is not
+        refused for the one it was just given."""
+        try:
+            return await self._control.admit(admit, deadline)
+        except StrataError as err:
+            pending = self._unsettled.get(tenant) if tenant else None
+            if err.reason not in HELD_BY_SETTLEMENTS or not pending:
+                raise
+        await asyncio.wait(set(pending), timeout=min(SETTLEMENT_WAIT_S, deadline.remaining()))
+        return await self._control.admit(admit, deadline)
+
+    def _settle_later(self, call: _Call, tally: _Tally) -> asyncio.Future[None]:
+        """Settles in the background; the tenant's settlements under way are tracked."""
+        tenant = call.admission.tenant_id
+        task = self._background.run(self._settle(call, tally))
+        pending = self._unsettled.setdefault(tenant, set())
+        pending.add(task)
+
+        def done(_: object) -> None:
+            pending.discard(task)
+            if not pending and self._unsettled.get(tenant) is pending:
+                del self._unsettled[tenant]
+
+        task.add_done_callback(done)
+        return task
 
     async def _lookup(
         self,

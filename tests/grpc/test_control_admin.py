@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2, admin_pb2_grpc, control_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import ADMIN_TOKEN, Served, StartControl
-from tests.helpers import RichError, bearer, rich_error, state_snapshot
+from tests.helpers import RichError, bearer, eventually, rich_error, state_snapshot
 
 AUTH = bearer(ADMIN_TOKEN)
 
@@ -49,13 +49,6 @@ async def refusal(call: Awaitable[Any]) -> RichError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return rich_error(caught.value)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float) -> Any:
-    async with asyncio.timeout(timeout_s):
-        while not (result := await check()):
-            await asyncio.sleep(0.02)
-        return result
 
 
 async def create_key(admin: Any, tenant: str, key_id: str = "", team: str = "", **kw: Any):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import inspect
 import itertools
 import math
 import uuid
@@ -28,7 +27,15 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2, admin_pb2_grpc, control_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import ADMIN_TOKEN, Served, StartControl
-from tests.helpers import RichError, bearer, rich_error, state_snapshot, usage_record, user
+from tests.helpers import (
+    RichError,
+    bearer,
+    eventually,
+    rich_error,
+    state_snapshot,
+    usage_record,
+    user,
+)
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 AUTH = bearer(ADMIN_TOKEN)
@@ -164,18 +171,6 @@ async def refusal(call: Awaitable[Any]) -> RichError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return rich_error(caught.value)
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    """Polls `check` (sync or async) until it returns something truthy, within a bound."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return result
-            await asyncio.sleep(0.05)
 
 
 def plan_of(reply: control_pb2.AdmitResponse) -> list[str]:

@@ -14,10 +14,19 @@ import redis
 from services.common.chat import assemble_tool_calls
 from services.executor import tokens
 from strata.common.v1 import common_pb2
+from strata.control.v1 import admin_pb2, admin_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
-from tests.grpc.conftest import Served
-from tests.helpers import bearer, rich_error, state_snapshot, usage_record, user
+from tests.grpc.conftest import ADMIN_TOKEN, Served
+from tests.helpers import (
+    bearer,
+    eventually,
+    reserved,
+    rich_error,
+    state_snapshot,
+    usage_record,
+    user,
+)
 
 MISS, HIT = common_pb2.CACHE_STATUS_MISS, common_pb2.CACHE_STATUS_HIT
 
@@ -75,6 +84,7 @@ async def test_streams_start_deltas_final_then_hits_the_cache(
     assert second[-1].final.cost.total_usd_micros == 0
     assert second[0].start.request_id not in ("", "client-chosen-1")
 
+    await eventually(lambda: reserved(redis_db) == 0)  # settled after the replies
     usage = usage_record(redis_db)
     assert (usage["requests"], usage["cache_hits"]) == (2, 1)
     assert usage["output_tokens"] == final.usage.output_tokens
@@ -327,7 +337,9 @@ async def test_a_failing_model_falls_back_to_the_next_candidate(
     chunks = await stream(orchestrator, test_keys.acme, ask(model="mock-down"))
     assert chunks[0].start.model == "mock-fast"
     assert chunks[-1].final.finish_reason == common_pb2.FINISH_REASON_STOP
-    # The failed attempt reached the breaker of mock-down, the answer was settled as mock-fast.
+    # The failed attempt reached the breaker of mock-down, the answer was settled as mock-fast
+    # (after the reply).
+    await eventually(lambda: redis_db.hget("strata:{m:mock-down}:breaker", "consecutive"))
     assert redis_db.hget("strata:{m:mock-down}:breaker", "consecutive") == b"1"
     assert usage_record(redis_db)["model:mock-fast:requests"] == 1
     reply = await orchestrator.stub.Generate(
@@ -426,6 +438,15 @@ async def test_a_paraphrase_streams_back_from_the_cache_by_meaning(
     first = await stream(
         orchestrator, test_keys.acme, ask("How do I reset my password?", params=params)
     )
+    # The answer is stored after the reply; the same question again waits for that store
+    # (this replica knows it is under way) and is an exact hit.
+    repeat = await stream(
+        orchestrator, test_keys.acme, ask("How do I reset my password?", params=params)
+    )
+    assert (repeat[0].start.cache_status, repeat[0].start.cache_match) == (
+        HIT,
+        common_pb2.CACHE_MATCH_EXACT,
+    )
     again = await stream(
         orchestrator, test_keys.acme, ask("How can I reset my password?", params=params)
     )
@@ -437,3 +458,40 @@ async def test_a_paraphrase_streams_back_from_the_cache_by_meaning(
     opted_out = ask("How could I reset my password?", params=params)
     opted_out.cache_policy.semantic_disabled = True
     assert (await stream(orchestrator, test_keys.acme, opted_out))[0].start.cache_status == MISS
+
+
+async def test_a_client_at_its_concurrency_limit_sends_its_next_request_at_once(
+    orchestrator: Served, control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """An answered request holds its reservation until its settlement (after the reply)
+    lands; a tenant allowed one request at a time that asks again at once is not refused
+    for the request it was just answered."""
+    admin = admin_pb2_grpc.ControlAdminServiceStub(control.channel)
+    await admin.SetLimits(
+        admin_pb2.SetLimitsRequest(
+            request_id=uuid.uuid4().hex,
+            tenant_id="globex",
+            scope=admin_pb2.SCOPE_TENANT,
+            max_concurrent=1,
+        ),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    for n in range(16):
+        reply = await orchestrator.stub.Generate(
+            orchestrator_pb2.GenerateRequest(
+                model="mock-fast", messages=[user(f"one at a time {n} {uuid.uuid4().hex}")]
+            ),
+            metadata=bearer(test_keys.globex),
+        )
+        assert reply.text
+        chunks = await stream(orchestrator, test_keys.globex, ask(f"streamed {n}"))
+        assert chunks[-1].HasField("final")
+    # And the limit still holds for requests that really overlap.
+    slow = [
+        stream(orchestrator, test_keys.globex, ask(f"together {n}", model="mock-small"))
+        for n in range(3)
+    ]
+    results = await asyncio.gather(*slow, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert refused and all(rich_error(r).reason == "CONCURRENCY_LIMITED" for r in refused)
+    await eventually(lambda: reserved(redis_db, "globex") == 0)

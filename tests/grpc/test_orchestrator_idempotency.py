@@ -21,7 +21,7 @@ from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import RichError, bearer, rich_error, usage_record, user
+from tests.helpers import RichError, bearer, eventually, reserved, rich_error, usage_record, user
 
 NO_CACHE = common_pb2.CachePolicy(mode=common_pb2.CACHE_MODE_BYPASS)
 """Keeps the response cache out of the way: a repeat can only come from its request id."""
@@ -82,6 +82,7 @@ async def test_a_completed_request_id_replays_its_answer_without_a_model_call(
     assert chunks[-1].final.usage == first.usage and chunks[-1].final.cost == first.cost
 
     assert len(upstream.calls(marker)) == 1
+    await eventually(lambda: reserved(redis_db) == 0)  # settled after the reply
     assert usage_record(redis_db)["requests"] == 1  # admitted, charged and settled once
 
 
@@ -132,6 +133,7 @@ async def test_concurrent_repeats_of_a_request_id_share_one_model_call(
     assert len(upstream.calls(marker)) == 1
     assert len({r.SerializeToString(deterministic=True) for r in replies}) == 1
     assert replies[0].request_id == request.request_id and replies[0].text
+    await eventually(lambda: reserved(redis_db) == 0)  # settled after the reply
     assert usage_record(redis_db)["requests"] == 1
 
 

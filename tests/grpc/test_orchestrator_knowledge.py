@@ -15,7 +15,7 @@ from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import knowledge_pb2, knowledge_pb2_grpc, orchestrator_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served
-from tests.helpers import bearer, rich_error, state_snapshot, user
+from tests.helpers import bearer, eventually, rich_error, state_snapshot, user
 
 MISS, HIT = common_pb2.CACHE_STATUS_MISS, common_pb2.CACHE_STATUS_HIT
 REFUNDS = (
@@ -106,7 +106,7 @@ async def test_an_answer_cites_its_documents_and_an_update_is_never_served_stale
 
     again = await ask(orchestrator, test_keys.acme, collection="faq", top_k=2, min_score=0.2)
     assert again.cache_status == HIT and list(again.citations) == list(first.citations)
-    assert cached_answers(redis_db) == 2
+    assert await eventually(lambda: cached_answers(redis_db) == 2)
 
     progress = await upsert(orchestrator, test_keys.acme, "faq", doc("refunds", REFUNDS_V2, "2"))
     assert (progress[-1].done, progress[-1].total) == (1, 1)
@@ -123,7 +123,8 @@ async def test_deleting_a_document_drops_its_chunks_and_its_cached_answers(
 ) -> None:
     await upsert(orchestrator, test_keys.acme, "faq", doc("refunds", REFUNDS), doc("pw", PASSWORD))
     first = await ask(orchestrator, test_keys.acme, collection="faq", top_k=1)
-    assert first.citations[0].document_id == "refunds" and cached_answers(redis_db) == 1
+    assert first.citations[0].document_id == "refunds"
+    assert await eventually(lambda: cached_answers(redis_db)) == 1  # stored after the reply
 
     reply = await knowledge(orchestrator).DeleteDocuments(
         knowledge_pb2.DeleteDocumentsRequest(

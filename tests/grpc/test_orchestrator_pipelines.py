@@ -20,7 +20,7 @@ from strata.orchestrator.v1 import (
 )
 from tests.conftest import ROOT, ApiKeys
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import bearer, rich_error, usage_record
+from tests.helpers import bearer, eventually, rich_error, usage_record
 
 SUCCEEDED, SKIPPED = pipelines_pb2.STEP_STATE_SUCCEEDED, pipelines_pb2.STEP_STATE_SKIPPED
 RECOVERED, FAILED = pipelines_pb2.STEP_STATE_RECOVERED, pipelines_pb2.STEP_STATE_FAILED
@@ -206,7 +206,9 @@ async def test_a_chain_passes_outputs_along_and_its_usage_is_the_sum_of_its_step
         assert getattr(result.usage, field) == sum(getattr(s.usage, field) for s in result.steps)
     for field in ("input_usd_micros", "output_usd_micros", "total_usd_micros"):
         assert getattr(result.cost, field) == sum(getattr(s.cost, field) for s in result.steps)
-    # Control charged each generate step once, and nothing else.
+    # Control charged each generate step once (settled after each step's answer), and
+    # nothing else.
+    await eventually(lambda: usage_record(redis_db).get("requests", 0) >= 2)
     usage = usage_record(redis_db)
     assert usage["requests"] == 2
     assert usage["spent"] == result.cost.total_usd_micros

@@ -26,7 +26,7 @@ from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import RichError, bearer, rich_error, state_snapshot, user
+from tests.helpers import RichError, bearer, eventually, rich_error, state_snapshot, user
 
 ROUTES: dict[str, dict[str, Any]] = {
     "fallback": {"policy": "fallback", "candidates": ["mock-error", "mock-fast"]},
@@ -105,7 +105,8 @@ async def test_fallback_route_answers_with_the_next_candidate(
     assert reply.model == "mock-fast"
     assert reply.text.startswith("Mock answer")
     assert reply.prompt.route == "fallback"
-    # The first candidate was tried: its failure reached its breaker.
+    # The first candidate was tried: its failure reached its breaker (settled after the reply).
+    await eventually(lambda: redis_db.hget("strata:{m:mock-error}:breaker", "consecutive"))
     assert redis_db.hget("strata:{m:mock-error}:breaker", "consecutive") == b"1"
 
     chunks = [

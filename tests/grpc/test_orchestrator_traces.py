@@ -16,7 +16,7 @@ from strata.orchestrator.v1 import jobs_pb2, jobs_pb2_grpc, orchestrator_pb2, tr
 from strata.orchestrator.v1.traces_pb2_grpc import TraceServiceStub
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import RichError, bearer, rich_error, user
+from tests.helpers import RichError, bearer, eventually, rich_error, user
 
 
 def traces(served: Served) -> Any:
@@ -28,6 +28,21 @@ async def get_trace(served: Served, key: str, request_id: str) -> traces_pb2.Req
         traces_pb2.GetTraceRequest(request_id=request_id), metadata=bearer(key), timeout=5
     )
     record: traces_pb2.RequestRecord = reply.record
+    return record
+
+
+async def recorded(served: Served, key: str, request_id: str) -> traces_pb2.RequestRecord:
+    """The request's record, once written (after the reply, with its settlement)."""
+
+    async def found() -> traces_pb2.RequestRecord | None:
+        try:
+            return await get_trace(served, key, request_id)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None
+
+    record: traces_pb2.RequestRecord = await eventually(found)
     return record
 
 
@@ -58,7 +73,7 @@ async def generate(
 async def test_a_request_reads_back_as_its_record(orchestrator: Served, test_keys: ApiKeys) -> None:
     answer = await generate(orchestrator, test_keys.acme, "traced-1")
 
-    record = await get_trace(orchestrator, test_keys.acme, "traced-1")
+    record = await recorded(orchestrator, test_keys.acme, "traced-1")
 
     assert (record.request_id, record.tenant_id, record.model) == ("traced-1", "acme", answer.model)
     assert record.usage == answer.usage
@@ -81,7 +96,7 @@ async def test_the_output_is_recorded_when_content_capture_is_on(
     served = await start_orchestrator(capture_content=True)
     answer = await generate(served, test_keys.acme, "captured-1")
 
-    record = await get_trace(served, test_keys.acme, "captured-1")
+    record = await recorded(served, test_keys.acme, "captured-1")
 
     assert record.output == answer.text
     assert not record.output_truncated
@@ -106,7 +121,7 @@ async def test_another_tenants_request_is_not_found(
     orchestrator: Served, test_keys: ApiKeys
 ) -> None:
     await generate(orchestrator, test_keys.acme, "acme-request")
-    await get_trace(orchestrator, test_keys.acme, "acme-request")
+    await recorded(orchestrator, test_keys.acme, "acme-request")
 
     error = await trace_error(orchestrator, bearer(test_keys.globex), "acme-request")
 

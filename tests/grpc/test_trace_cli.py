@@ -14,7 +14,7 @@ from strata.orchestrator.v1 import orchestrator_pb2, traces_pb2
 from strata_cli.__main__ import main
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import bearer, user
+from tests.helpers import bearer, eventually, user
 
 BYPASS = common_pb2.CACHE_STATUS_BYPASS
 
@@ -136,6 +136,8 @@ async def test_replay_runs_the_request_again_past_the_cache(
     request = a_request()
     # What the model answered the first time (the mock: same prompt and seed, same text).
     first = await orchestrator.stub.Generate(request, metadata=bearer(test_keys.acme), timeout=10)
+    # Its own record is written after the reply: let it land before the seeded one.
+    await eventually(lambda: redis_db.exists(record_key("acme", request.request_id)))
     seed_record(redis_db, request, output=first.text)
     common = ["--address", orchestrator.address, "--key", test_keys.acme]
 

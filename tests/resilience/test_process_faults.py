@@ -31,7 +31,15 @@ from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from strata_cli.devstack import SERVICES, LocalStack, ServiceProcess
 from tests.conftest import ApiKeys
-from tests.helpers import bearer, fresh_stack, rich_error, usage_record, user
+from tests.helpers import (
+    bearer,
+    fresh_stack,
+    reserved,
+    rich_error,
+    usage_record,
+    user,
+    wait_until_nothing_reserved,
+)
 
 RESERVATION_TTL_S = 2
 SWEEP_INTERVAL_S = 0.5
@@ -98,18 +106,6 @@ def restart(process: ServiceProcess, *, kill: bool = False) -> None:
     else:
         process.stop(GRACE_S + 5)
     process.start(timeout_s=60)
-
-
-def reserved(client: redis.Redis, tenant: str = "acme") -> int:
-    """Reservations the tenant holds (one per admitted request still running)."""
-    return int(client.hlen(f"strata:{{t:{tenant}}}:reservations"))
-
-
-def wait_until_nothing_reserved(client: redis.Redis, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while reserved(client):
-        assert time.monotonic() < deadline, f"still reserved: {reserved(client)}"
-        time.sleep(0.1)
 
 
 def slow_stream(

@@ -31,7 +31,7 @@ from strata.orchestrator.v1 import (
 from tests.conftest import ApiKeys
 from tests.grpc import conftest as grpc_fixtures
 from tests.grpc.conftest import ADMIN_TOKEN, Served, StartOrchestrator
-from tests.helpers import bearer, rich_error, user
+from tests.helpers import bearer, eventually, rich_error, user
 
 # The in-process services of tests/grpc (start_orchestrator needs the other three).
 cache = grpc_fixtures.cache
@@ -162,7 +162,19 @@ async def test_one_tenant_sees_nothing_of_another(
     other = await api.Generate(prompt, metadata=globex)
     assert other.cache_status == common_pb2.CACHE_STATUS_MISS
 
-    # Request records: Acme's trace is not Globex's to read.
+    # Request records: Acme's trace (written after the reply) is not Globex's to read.
+    async def readable() -> bool:
+        try:
+            await traces.GetTrace(
+                traces_pb2.GetTraceRequest(request_id=first.request_id), metadata=acme
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
+
+    await eventually(readable)
     for request_id in (first.request_id, unknown):
         assert (
             await not_found(
@@ -172,7 +184,6 @@ async def test_one_tenant_sees_nothing_of_another(
             )
             == "TRACE_NOT_FOUND"
         )
-    await traces.GetTrace(traces_pb2.GetTraceRequest(request_id=first.request_id), metadata=acme)
 
     # Idempotency keys: one request id in two tenants is two requests.
     shared = uuid.uuid4().hex

@@ -17,7 +17,14 @@ from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from strata_cli.devstack import LocalStack
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.helpers import bearer, rich_error, state_snapshot, usage_record, user
+from tests.helpers import (
+    bearer,
+    rich_error,
+    state_snapshot,
+    usage_record,
+    user,
+    wait_until_nothing_reserved,
+)
 
 Stub = orchestrator_pb2_grpc.OrchestratorServiceStub
 
@@ -79,10 +86,13 @@ def test_usage_settled_in_redis_equals_what_the_upstream_reported(
     public_api: Stub, test_keys: ApiKeys, upstream: FakeOpenAI, redis_db: redis.Redis
 ) -> None:
     markers = [uuid.uuid4().hex for _ in range(3)]
+    # Settlements land after the replies: earlier tests' first, then these three.
+    wait_until_nothing_reserved(redis_db)
     before = usage_record(redis_db, key_id="acme-main")
     finals = [run(public_api, test_keys.acme, ask(f"usage {m}"))[-1].final for m in markers]
     reported = [e.usage for e in upstream.calls() if any(m in str(e.body) for m in markers)]
     assert len(reported) == 3 and all(reported)
+    wait_until_nothing_reserved(redis_db)
     after = usage_record(redis_db, key_id="acme-main")
 
     def grew(field: str) -> int:
