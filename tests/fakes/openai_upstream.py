@@ -63,6 +63,8 @@ class Exchange:
     disconnected: threading.Event = field(default_factory=threading.Event)
     disconnected_at: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    peer: tuple[str, int] | None = None
+    """The client's address and port: requests over one kept-alive connection share it."""
 
 
 class FakeOpenAI:
@@ -130,7 +132,8 @@ class FakeOpenAI:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        exchange = Exchange(body=body, headers=dict(request.headers))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        exchange = Exchange(body=body, headers=dict(request.headers), peer=peer)
         with self._lock:
             self.exchanges.append(exchange)
             self.in_flight += 1

@@ -148,6 +148,19 @@ async def test_openai_compatible_upstream_streams_whole(
     assert exchange.headers.get("x-strata-test") == "1"
 
 
+async def test_streams_one_after_another_reuse_one_upstream_connection(
+    executor: Served, upstream: FakeOpenAI
+) -> None:
+    """The body is read to its end after [DONE], so the connection goes back to the pool
+    (a response left unread closes it, and every stream would pay a new connection)."""
+    marker = uuid.uuid4().hex
+    for n in range(4):
+        chunks = await collect(executor, stream_request("up-ok", f"reuse {marker} {n}"))
+        assert chunks[-1].HasField("final")
+    peers = {e.peer for e in upstream.calls(marker)}
+    assert len(upstream.calls(marker)) == 4 and len(peers) == 1, peers
+
+
 async def test_upstream_cut_is_stream_interrupted(executor: Served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(executor, stream_request("up-cut"))

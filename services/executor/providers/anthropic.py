@@ -392,15 +392,15 @@ class AnthropicProvider:
                 accepted = True
                 yield Accepted()
                 async for sse in source.aiter_sse():
-                    if not sse.data or sse.event == "ping":
-                        continue  # comments and keep-alives carry no answer
+                    if reader.stopped or not sse.data or sse.event == "ping":
+                        # Comments and keep-alives carry no answer; after message_stop the
+                        # body is read to its end, so the connection returns to the pool.
+                        continue
                     event = http.json_event(self.name, sse.data)
                     # Anthropic names every event; an unnamed one says its type in its data.
                     kind = sse.event if sse.event != "message" else str(event.get("type"))
                     for item in reader.read(kind, event):
                         yield item
-                    if reader.stopped:
-                        break
         except SSEError as err:
             raise BadUpstreamResponse(
                 f"provider {self.name!r} answered a stream request without an event stream"

@@ -219,11 +219,16 @@ class OpenAICompatibleProvider:
                     raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
+                ended = False
                 async for sse in source.aiter_sse():
-                    if not sse.data:
+                    if ended or not sse.data:
                         continue  # comments and keep-alive events carry no data
                     if sse.data == "[DONE]":
-                        break
+                        # Read on to the end of the body (at once, as a rule): a response
+                        # left unread closes its connection instead of returning it to the
+                        # pool, and the next call would pay a new one.
+                        ended = True
+                        continue
                     chunk = http.json_event(self.name, sse.data)
                     if "error" in chunk:
                         raise StreamInterrupted(
