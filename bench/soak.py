@@ -48,7 +48,7 @@ from strata.orchestrator.v1 import orchestrator_pb2_grpc
 from strata_cli.devstack import LocalStack
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
-MIX = (("unary-exact-miss", 8), ("stream-exact-miss", 1), ("exact-hit", 1))
+MIX = (("unary-exact-miss", 4), ("stream-exact-miss", 1), ("exact-hit", 5))
 """Scenarios and their weights in every ten requests."""
 
 

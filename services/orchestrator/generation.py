@@ -537,11 +537,8 @@ class Generator:
         pending = self._storing.get((call.admission.tenant_id, found.exact_key))
         if pending is None:
             return None
-        try:
-            async with asyncio.timeout(call.deadline.remaining()):
-                await asyncio.shield(pending)
-        except TimeoutError:
-            return None
+        # (A store that failed or was cancelled at shutdown is just not there: look anyway.)
+        await asyncio.wait({pending}, timeout=call.deadline.remaining())
         prepared = call.prepared
         again, status = await self._lookup(prepared, call.messages, call.admission.tenant_id)
         return again if again is not None and status == common_pb2.CACHE_STATUS_HIT else None
