@@ -513,6 +513,28 @@ def upstream_process(run_dir: Path, args: argparse.Namespace) -> Iterator[tuple[
             process.wait()
 
 
+@contextmanager
+def strata_on_upstream(
+    run_dir: Path, args: argparse.Namespace, tenant: str
+) -> Iterator[tuple[LocalStack, str]]:
+    """The local upstream and Strata's four services on it (each its own process) with one
+    tenant, for the benchmarks that drive one stack; yields the stack and the tenant's key."""
+    with ExitStack() as stack:
+        upstream_base, _ = stack.enter_context(upstream_process(run_dir, args))
+        redis_url = stack.enter_context(bench_redis())
+        keys, tenants = tenants_file(run_dir, [tenant])
+        local = LocalStack(
+            run_dir=run_dir / "strata",
+            models_file=models_file(run_dir, upstream_base),
+            tenants_file=tenants,
+            redis_url=redis_url,
+        )
+        print("==> starting Strata", file=sys.stderr)
+        local.start(timeout_s=120)
+        stack.callback(local.stop)
+        yield local, keys[tenant]
+
+
 def models_file(directory: Path, upstream_base: str) -> Path:
     """config/models.yaml plus `bench`, served by the local upstream."""
     catalog = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())

@@ -24,7 +24,6 @@ import sys
 import time
 import venv
 from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -36,13 +35,9 @@ from bench.gateway_overhead import (
     Prompts,
     drive,
     grpc_call,
-    models_file,
-    tenants_file,
-    upstream_process,
+    strata_on_upstream,
 )
-from bench.harness import bench_redis
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
-from strata_cli.devstack import LocalStack
 
 PYSPY_VERSION = "0.4.3"
 PYSPY_VENV = WORK / "pyspy-venv"
@@ -126,20 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     pyspy = ensure_pyspy()
     args.out.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        run_dir = args.out / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        upstream_base, _ = stack.enter_context(upstream_process(run_dir, args))
-        redis_url = stack.enter_context(bench_redis())
-        keys, tenants = tenants_file(run_dir, [f"profile-{int(time.time())}"])
-        local = LocalStack(
-            run_dir=run_dir / "strata",
-            models_file=models_file(run_dir, upstream_base),
-            tenants_file=tenants,
-            redis_url=redis_url,
-        )
-        local.start(timeout_s=120)
-        stack.callback(local.stop)
+    run_dir = args.out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with strata_on_upstream(run_dir, args, f"profile-{int(time.time())}") as (local, key):
         recorders: dict[str, subprocess.Popen[bytes]] = {}
         parts = [p for p in STRATA_PARTS if p in local.services]
 
@@ -166,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Recording starts once the warm-up is done: a short pause lets it begin first.
             loop = asyncio.get_running_loop()
             loop.call_later(2.0, record)
-            return await load(local.addresses["orchestrator"], next(iter(keys.values())), args)
+            return await load(local.addresses["orchestrator"], key, args)
 
         print(
             f"==> {args.scenario} at c={args.concurrency} for {args.seconds:.0f} s", file=sys.stderr

@@ -26,7 +26,6 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -39,13 +38,9 @@ from bench.gateway_overhead import (
     Prompts,
     git_commit,
     grpc_call,
-    models_file,
-    tenants_file,
-    upstream_process,
+    strata_on_upstream,
 )
-from bench.harness import bench_redis
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
-from strata_cli.devstack import LocalStack
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 MIX = (("unary-exact-miss", 4), ("stream-exact-miss", 1), ("exact-hit", 5))
@@ -161,19 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = WORK / "soak"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    with ExitStack() as stack:
-        upstream_base, _ = stack.enter_context(upstream_process(run_dir, args))
-        redis_url = stack.enter_context(bench_redis())
-        keys, tenants = tenants_file(run_dir, [f"soak-{started:%Y%m%dt%H%M%S}"])
-        local = LocalStack(
-            run_dir=run_dir / "strata",
-            models_file=models_file(run_dir, upstream_base),
-            tenants_file=tenants,
-            redis_url=redis_url,
-        )
-        print("==> starting Strata", file=sys.stderr)
-        local.start(timeout_s=120)
-        stack.callback(local.stop)
+    with strata_on_upstream(run_dir, args, f"soak-{started:%Y%m%dt%H%M%S}") as (local, key):
         parts = {}
         for part in (p for p in STRATA_PARTS if p in local.services):
             process = local.services[part].process
@@ -184,9 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{max(1, args.requests // args.samples)}",
             file=sys.stderr,
         )
-        result = asyncio.run(
-            soak(local.addresses["orchestrator"], next(iter(keys.values())), args, parts)
-        )
+        result = asyncio.run(soak(local.addresses["orchestrator"], key, args, parts))
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     (WORK / f"soak-{stamp}.json").write_text(json.dumps(result, indent=1))
     section = markdown(args, result, started)

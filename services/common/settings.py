@@ -24,8 +24,8 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     """Python logging level."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
-    """The event loop the process runs on: uvloop (libuv; about a quarter less CPU per gRPC
-    call, measured by bench/grpc_hop.py) or the standard library's."""
+    """The event loop the process runs on: uvloop (libuv; a little less CPU per call, see
+    services/common/loops.py) or the standard library's."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long open calls may run before they are cancelled."""
     health_probe_interval_s: float = 5.0
