@@ -61,11 +61,14 @@ def free_port() -> int:
 
 @dataclass
 class PrivateRedis:
-    """A `redis-server` of our own, without persistence, for when none answers."""
+    """A `redis-server` of our own, for when none answers: without persistence, or, when
+    `durable`, with every write on disk (a restart on the same port keeps the data)."""
 
     directory: Path
     port: int = 0
+    """0: a free port, picked at the first start (a restart keeps it)."""
     process: subprocess.Popen[bytes] | None = None
+    durable: bool = False
 
     @property
     def url(self) -> str:
@@ -76,7 +79,8 @@ class PrivateRedis:
         if binary is None:
             raise StackError("no Redis answers and redis-server is not installed")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
+        persistence = ["yes", "--appendfsync", "always"] if self.durable else ["no"]
         self.process = subprocess.Popen(
             [
                 binary,
@@ -87,7 +91,7 @@ class PrivateRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                *persistence,
                 "--dir",
                 str(self.directory),
                 "--logfile",

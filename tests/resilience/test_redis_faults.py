@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +46,7 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2_grpc
 from strata.executor.v1 import executor_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from strata_cli.devstack import free_port, redis_answers
+from strata_cli.devstack import PrivateRedis
 from tests.faultproxy import Fault, FaultProxy
 from tests.grpc.conftest import LOCAL, Served, _stop_control, serve, shutdown
 from tests.helpers import bearer, rich_error, usage_record, user
@@ -61,49 +60,19 @@ RECOVERY_S = 8.0
 # --- a Redis of our own ----------------------------------------------------------------------
 
 
-class RedisProcess:
-    """A `redis-server` on a port picked at run time, that can be paused, killed, restarted."""
+@dataclass
+class RedisProcess(PrivateRedis):
+    """A durable `redis-server` on a port picked at its first start, that can be paused,
+    killed and restarted (on the same port, with its data)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.paused = False
+    durable: bool = True
+    paused: bool = False
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not redis_answers(self.url):
-            assert self.process.poll() is None, "redis-server exited; see redis.log"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+        super().start(timeout_s)
+        return self
 
     def pause(self) -> None:
         assert self.process is not None
@@ -127,13 +96,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         self.resume()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().stop()
 
 
 @pytest.fixture(scope="module")
