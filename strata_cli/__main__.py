@@ -55,16 +55,10 @@ def stream_chat(
 ) -> orchestrator_pb2.StreamGenerateResponse.Final:
     """Streams one answer to stdout; returns the final chunk."""
     write = sys.stdout.write
-    messages = []
-    if system:
-        messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system))
-    messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt))
-    params = common_pb2.GenerationParams()
-    if max_output_tokens is not None:
-        params.max_output_tokens = max_output_tokens
-    if temperature is not None:
-        params.temperature = temperature
-    request = orchestrator_pb2.StreamGenerateRequest(model=model, messages=messages, params=params)
+    asked = jobs.generate_request(prompt, model, None, system, max_output_tokens, temperature)
+    request = orchestrator_pb2.StreamGenerateRequest(
+        model=model, messages=asked.messages, params=asked.params
+    )
     with grpc.insecure_channel(address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         started = time.perf_counter()
