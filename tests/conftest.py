@@ -7,6 +7,7 @@ when it answers; else a private `redis-server` started for the session.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +162,9 @@ FAST_RETRY = {"max_attempts": 3, "base_delay_s": 0.02, "max_delay_s": 0.1}
 @pytest.fixture(scope="session")
 def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -> Path:
     """config/models.yaml plus `up-*` aliases served by the fake upstream (`up-slow-start`:
-    2 s to its first chunk, within its timeout), `mock-down` (fails, falls back to
-    mock-fast) and two echo models whose prices cross (`mock-dear-prompt`,
-    `mock-dear-answer`)."""
+    2 s to its first chunk, within its timeout; `up-unreachable`: on a closed port),
+    `mock-down` (fails, falls back to mock-fast) and two echo models whose prices cross
+    (`mock-dear-prompt`, `mock-dear-answer`)."""
     catalog = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())
     catalog["providers"]["fake"] = {
         "kind": "openai_compatible",
@@ -191,6 +192,19 @@ def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) 
     catalog["models"]["up-slow-start"] = {
         **catalog["models"]["up-slow-first"],
         "timeouts": {"first_token_s": 5.0},
+    }
+    # Nothing listens on the port of `up-unreachable` (it was free when the file was made).
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+    catalog["providers"]["closed"] = {
+        "kind": "openai_compatible",
+        "base_url": f"http://127.0.0.1:{closed_port}/v1",
+    }
+    catalog["models"]["up-unreachable"] = {
+        **catalog["models"]["up-ok"],
+        "provider": "closed",
+        "retry": {"max_attempts": 1},
     }
     catalog["models"]["mock-down"] = {
         "provider": "mock",

@@ -161,6 +161,40 @@ async def test_streams_one_after_another_reuse_one_upstream_connection(
     assert len(upstream.calls(marker)) == 4 and len(peers) == 1, peers
 
 
+async def test_whole_answers_one_after_another_reuse_one_upstream_connection(
+    executor: Served, upstream: FakeOpenAI
+) -> None:
+    marker = uuid.uuid4().hex
+    for n in range(4):
+        answer = await executor.stub.Complete(
+            executor_pb2.CompleteRequest(
+                request_id=uuid.uuid4().hex, model="up-ok", messages=[user(f"{marker} {n}")]
+            ),
+            timeout=10,
+        )
+        assert answer.finish_reason == common_pb2.FINISH_REASON_STOP
+    peers = {e.peer for e in upstream.calls(marker)}
+    assert len(upstream.calls(marker)) == 4 and len(peers) == 1, peers
+
+
+async def test_an_unreachable_upstream_is_provider_unavailable(executor: Served) -> None:
+    """Connection refused is the provider being down (another model may answer), not a
+    timeout and not an internal error."""
+    for call in (
+        collect(executor, stream_request("up-unreachable")),
+        executor.stub.Complete(
+            executor_pb2.CompleteRequest(
+                request_id=uuid.uuid4().hex, model="up-unreachable", messages=[user("hi")]
+            ),
+            timeout=10,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+
+
 async def test_upstream_cut_is_stream_interrupted(executor: Served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(executor, stream_request("up-cut"))

@@ -1,5 +1,11 @@
 """What the HTTP providers share: their pooled client, credentials, timeouts, error mapping.
 
+The pooled client is httpx's. Over HTTP/1.1 it sends through `AiohttpTransport`, httpx's
+transport interface over an aiohttp session: aiohttp parses responses in C, where httpx's
+own transport (httpcore, h11) parses them in Python, and an exchange costs the executor
+about half the CPU (see bench/RESULTS.md). HTTP/2, which only TLS upstreams offer, keeps
+httpx's own transport.
+
 Error mapping is the one place an upstream HTTP failure becomes a Strata reason. The
 provider's body is read to classify the failure (its error code or type, whether it speaks
 of the context length or content policy) but never passed on: only the status, the provider
@@ -12,10 +18,11 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from services.common.calls import Deadline
@@ -74,16 +81,136 @@ def pooled_client(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """One client per provider entry for the life of the process."""
+    limits = httpx.Limits(
+        max_connections=config.max_connections,
+        max_keepalive_connections=config.max_connections,
+    )
+    # HTTP/2 is negotiated in the TLS handshake (ALPN): a plaintext upstream speaks HTTP/1.1.
+    http2 = config.http2 and config.base_url.startswith("https:")
+    if transport is None and not http2:
+        transport = AiohttpTransport(limits)
     return httpx.AsyncClient(
         base_url=config.base_url.rstrip("/") + "/",
         headers={"user-agent": "strata-executor", **config.headers, **headers},
-        limits=httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_connections,
-        ),
-        http2=config.http2,
+        limits=limits,
+        http2=http2,
         transport=transport,
     )
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over one aiohttp session (HTTP/1.1, pooled keep-alive).
+
+    aiohttp's failures become the httpx exceptions httpx's own transport raises for the same
+    fault, so `transport_error` and the providers see one family: a timeout is a
+    `TimeoutException`, anything else a `TransportError`. A response read to its end gives
+    its connection back to the pool; one closed early closes it, so the upstream sees the
+    caller leave and stops generating."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on first use (it belongs to the running event loop)."""
+        connector = aiohttp.TCPConnector(
+            limit=self._limits.max_connections or 0,
+            keepalive_timeout=self._limits.keepalive_expiry,
+            ssl=httpx.create_ssl_context(),
+        )
+        # No cookie jar, no automatic decompression: httpx's client decodes the body.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        timeouts = request.extensions.get("timeout", {})
+        try:
+            response = await session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=await request.aread() or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    connect=timeouts.get("pool"),
+                    sock_connect=timeouts.get("connect"),
+                    sock_read=timeouts.get("read"),
+                ),
+            )
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise _httpx_error(err, connecting=True) from err
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_Body(response),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    """An aiohttp response's body, as it arrives."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        try:
+            async for data in content.iter_any():
+                yield data
+        except (aiohttp.ClientError, TimeoutError) as err:
+            # What the upstream sent before the fault was sent (and billed): pass it on.
+            if arrived := _arrived(content):
+                yield arrived
+            raise _httpx_error(err, connecting=False) from err
+
+    async def aclose(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # whole: the connection goes back to the pool
+        else:
+            self._response.close()
+
+
+def _arrived(content: aiohttp.StreamReader) -> bytes:
+    """The data that reached `content` ahead of a fault and was not read yet.
+
+    aiohttp's reader raises a fault before handing out the data buffered ahead of it, and
+    has no public way to read that data: this reads its private buffer (a deque of bytes
+    and the offset read into the first). tests/grpc/test_executor_faults.py pins it: a
+    stream cut after some chunks passes on every chunk sent."""
+    buffer = getattr(content, "_buffer", None)
+    if not buffer:
+        return b""
+    data = b"".join(buffer)[getattr(content, "_buffer_offset", 0) :]
+    buffer.clear()
+    return data
+
+
+def _httpx_error(err: BaseException, connecting: bool) -> httpx.HTTPError:
+    """The httpx exception httpx's own transport raises for the same fault."""
+    message = str(err) or type(err).__name__
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message)
+    if isinstance(err, TimeoutError):
+        return httpx.ReadTimeout(message)
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message)
+    if isinstance(err, aiohttp.ClientResponseError | aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError(message)
+    if connecting and not isinstance(err, aiohttp.ClientPayloadError):
+        return httpx.ConnectError(message)
+    return httpx.ReadError(message)
 
 
 def timeout(model: ModelConfig, deadline: Deadline) -> httpx.Timeout:
