@@ -137,7 +137,7 @@ async def test_openai_compatible_upstream_streams_whole(
     chunks = await collect(executor, stream_request("up-ok", f"about {marker}", seed=3))
     [exchange] = [e for e in upstream.calls("fake-ok") if marker in str(e.body)]
     deltas = [c.delta.text for c in chunks if c.HasField("delta")]
-    assert deltas == exchange.sent
+    assert "".join(deltas) == "".join(exchange.sent)
     final = chunks[-1].final
     assert exchange.usage is not None
     assert final.usage.input_tokens == exchange.usage["prompt_tokens"]
@@ -146,6 +146,39 @@ async def test_openai_compatible_upstream_streams_whole(
     assert exchange.body["stream_options"] == {"include_usage": True}
     assert exchange.body["seed"] == 3
     assert exchange.headers.get("x-strata-test") == "1"
+
+
+async def test_chunks_that_arrive_together_go_on_as_one_delta(
+    executor: Served, upstream: FakeOpenAI
+) -> None:
+    """The fake sends a whole answer at once: fewer deltas than upstream chunks, the same
+    text, and every delta passed on as soon as it arrived (nothing waits for more)."""
+    marker = uuid.uuid4().hex
+    chunks = await collect(executor, stream_request("up-ok", f"burst {marker}"))
+    [exchange] = upstream.calls(marker)
+    deltas = [c.delta.text for c in chunks if c.HasField("delta")]
+    assert 1 <= len(deltas) < len(exchange.sent)
+    assert "".join(deltas) == "".join(exchange.sent)
+
+
+async def test_paced_chunks_go_on_one_by_one_as_they_come(
+    executor: Served, upstream: FakeOpenAI
+) -> None:
+    """Chunks 50 ms apart are never held back to be joined: each is a delta of its own,
+    passed on before the next one is sent."""
+    marker = uuid.uuid4().hex
+    call = executor.stub.StreamComplete(stream_request("up-slow", marker), timeout=30)
+    deltas: list[str] = []
+    async for chunk in call:
+        if chunk.HasField("delta"):
+            deltas.append(chunk.delta.text)
+            if len(deltas) == 5:
+                break
+    [exchange] = upstream.calls(marker)
+    sent_by_then = len(exchange.sent)
+    call.cancel()
+    assert deltas == exchange.sent[:5]
+    assert sent_by_then <= 7  # the fifth delta came while the upstream was still sending
 
 
 async def test_streams_one_after_another_reuse_one_upstream_connection(

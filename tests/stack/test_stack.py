@@ -52,8 +52,10 @@ def test_a_streamed_answer_arrives_whole_in_order_with_one_final_chunk(
     chunks = run(public_api, test_keys.acme, ask(f"whole stream {marker}"))
     [exchange] = [e for e in upstream.calls() if marker in str(e.body)]
     kinds = [c.WhichOneof("chunk") for c in chunks]
-    assert kinds == ["start"] + ["delta"] * len(exchange.sent) + ["final"]
-    assert [c.delta.text for c in chunks[1:-1]] == exchange.sent
+    # Chunks the upstream sent together may arrive as one delta; the text is the same.
+    assert kinds[0] == "start" and kinds[-1] == "final"
+    assert set(kinds[1:-1]) == {"delta"}
+    assert "".join(c.delta.text for c in chunks[1:-1]) == "".join(exchange.sent)
     start, final = chunks[0].start, chunks[-1].final
     assert (start.model, start.cache_status) == ("up-ok", common_pb2.CACHE_STATUS_MISS)
     assert final.finish_reason == common_pb2.FINISH_REASON_STOP

@@ -18,7 +18,6 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, NoReturn
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
 
 from services.common.calls import Deadline
 from services.common.catalog import AnthropicProviderConfig, ModelConfig
@@ -35,6 +34,7 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
     ToolCallPiece,
+    coalesced,
 )
 from strata.common.v1 import common_pb2
 
@@ -377,34 +377,34 @@ class AnthropicProvider:
         reader = _StreamReader(self.name, request.model.upstream_model)
         accepted = False
         try:
-            async with aconnect_sse(
-                self._client,
+            async with self._client.stream(
                 "POST",
                 "messages",
                 json=self.messages_body(request, stream=True),
-                # a copy: the SSE helper adds its own headers to the dict it is given
-                headers=dict(request.model.headers),
+                headers={**request.model.headers, **http.SSE_HEADERS},
                 timeout=http.timeout(request.model, request.deadline),
-            ) as source:
-                response = source.response
+            ) as response:
                 if response.status_code != 200:
                     raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
-                async for sse in source.aiter_sse():
-                    if reader.stopped or not sse.data or sse.event == "ping":
-                        # Comments and keep-alives carry no answer; after message_stop the
-                        # body is read to its end, so the connection returns to the pool.
-                        continue
-                    event = http.json_event(self.name, sse.data)
-                    # Anthropic names every event; an unnamed one says its type in its data.
-                    kind = sse.event if sse.event != "message" else str(event.get("type"))
-                    for item in reader.read(kind, event):
-                        yield item
-        except SSEError as err:
-            raise BadUpstreamResponse(
-                f"provider {self.name!r} answered a stream request without an event stream"
-            ) from err
+                async for events in http.sse_reads(self.name, response):
+                    pieces: list[Content] = []
+                    try:
+                        for sse in events:
+                            if reader.stopped or not sse.data or sse.event == "ping":
+                                # Keep-alives carry no answer; after message_stop the body
+                                # is read to its end, so the connection returns to the pool.
+                                continue
+                            event = http.json_event(self.name, sse.data)
+                            # Anthropic names every event; an unnamed one says its type in
+                            # its data.
+                            kind = sse.event if sse.event != "message" else str(event.get("type"))
+                            pieces += reader.read(kind, event)
+                    finally:
+                        # What came before a fault was sent: it goes on first.
+                        for piece in coalesced(pieces):
+                            yield piece
         except httpx.HTTPError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err

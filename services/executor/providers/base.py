@@ -8,7 +8,7 @@ retries, waits or falls back; `services.executor.attempts` decides that.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,6 +61,21 @@ class Finished:
 Event = Accepted | TextDelta | ToolCallPiece | Finished
 Content = TextDelta | ToolCallPiece | Finished
 """Events that are part of the answer; the first one commits the call (no more retries)."""
+
+
+def coalesced(events: Iterable[Content]) -> list[Content]:
+    """`events` with each run of text deltas joined into one.
+
+    Providers pass on what arrived together as one piece (what came in one read of the
+    upstream's body): nothing waits for more, so a paced answer streams as it was sent, and
+    a burst costs one message per service hop instead of one per upstream chunk."""
+    out: list[Content] = []
+    for event in events:
+        if isinstance(event, TextDelta) and out and isinstance(out[-1], TextDelta):
+            out[-1] = TextDelta(out[-1].text + event.text)
+        else:
+            out.append(event)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,74 @@ def json_event(provider: str, data: str) -> dict[str, Any]:
     if not isinstance(event, dict):
         raise BadUpstreamResponse(f"provider {provider!r} sent an event that is not an object")
     return event
+
+
+SSE_HEADERS = {"accept": "text/event-stream", "cache-control": "no-store"}
+"""Headers of a request answered with server-sent events."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One event of an event stream: its type ("message" unless named) and its data."""
+
+    event: str
+    data: str
+
+
+class SSEDecoder:
+    """Server-sent events from the pieces of a body as they arrive (the WHATWG rules: a line
+    ends in CRLF, LF or CR; a blank line ends an event; a line starting with `:` is a
+    comment; `data` lines join with LF). An event without data is not one."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, piece: bytes) -> list[ServerSentEvent]:
+        """The events that `piece` completes."""
+        buffer = self._tail + piece
+        # A CR at the very end may be the first half of a CRLF: its line waits for more.
+        end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+        complete = max(buffer.rfind(b"\n", 0, end), buffer.rfind(b"\r", 0, end)) + 1
+        self._tail = buffer[complete:]
+        if not complete:
+            return []
+        lines = buffer[:complete]
+        if b"\r" in lines:
+            lines = lines.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events: list[ServerSentEvent] = []
+        for raw in lines.split(b"\n")[:-1]:
+            if not raw:
+                if self._data:
+                    events.append(ServerSentEvent(self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+                continue
+            line = raw.decode("utf-8", "replace")
+            name, _, value = line.partition(":")
+            if not name:
+                continue  # a comment
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self._event = value
+        return events
+
+
+async def sse_reads(
+    provider: str, response: httpx.Response
+) -> AsyncIterator[list[ServerSentEvent]]:
+    """The events of a streamed answer, a list per piece of its body as it arrived (what
+    came together can be passed on together); BAD_UPSTREAM_RESPONSE when it is not an
+    event stream."""
+    content_type = response.headers.get("content-type", "").partition(";")[0]
+    if "text/event-stream" not in content_type:
+        raise BadUpstreamResponse(
+            f"provider {provider!r} answered a stream request without an event stream"
+        )
+    decoder = SSEDecoder()
+    async for piece in response.aiter_bytes():
+        if events := decoder.feed(piece):
+            yield events

@@ -14,7 +14,6 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
 
 from services.common.calls import Deadline
 from services.common.catalog import (
@@ -28,12 +27,14 @@ from services.executor.providers import http
 from services.executor.providers.base import (
     Accepted,
     Completion,
+    Content,
     Embeddings,
     Event,
     Finished,
     ProviderRequest,
     TextDelta,
     ToolCallPiece,
+    coalesced,
 )
 from strata.common.v1 import common_pb2
 
@@ -152,6 +153,49 @@ def _tool_piece(provider: str, raw: Any) -> common_pb2.ToolCallDelta:
         raise BadUpstreamResponse(f"provider {provider!r} sent a malformed tool call") from err
 
 
+class _StreamedAnswer:
+    """What a chat-completions event stream said so far."""
+
+    def __init__(self, provider: str, provider_model: str) -> None:
+        self.provider = provider
+        self.provider_model = provider_model
+        self.parts: list[str] = []
+        self.finish: common_pb2.FinishReason | None = None
+        self.usage: common_pb2.Usage | None = None
+        self.ended = False
+
+    def read(self, sse: http.ServerSentEvent) -> list[Content]:
+        """The answer's pieces in one event; raises on an error event."""
+        if self.ended or not sse.data:
+            return []  # keep-alive events carry no data
+        if sse.data == "[DONE]":
+            # The body is still read to its end (at once, as a rule): a response left
+            # unread closes its connection instead of returning it to the pool.
+            self.ended = True
+            return []
+        chunk = http.json_event(self.provider, sse.data)
+        if "error" in chunk:
+            raise StreamInterrupted(f"provider {self.provider!r} reported an error mid-stream")
+        self.provider_model = chunk.get("model") or self.provider_model
+        self.usage = _usage(chunk.get("usage")) or self.usage
+        pieces: list[Content] = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            text, calls = _delta(self.provider, choice)
+            if text:
+                self.parts.append(text)
+                pieces.append(TextDelta(text))
+            for raw in calls:
+                piece = _tool_piece(self.provider, raw)
+                self.parts.append(piece.arguments_json)
+                pieces.append(ToolCallPiece(piece))
+            reason = choice.get("finish_reason")
+            if reason:
+                self.finish = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
+        return pieces
+
+
 class OpenAICompatibleProvider:
     """Chat completions and embeddings over HTTP, pooled per provider entry."""
 
@@ -199,71 +243,42 @@ class OpenAICompatibleProvider:
         return body
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Event, None]:
-        parts: list[str] = []
-        finish: common_pb2.FinishReason | None = None
-        usage: common_pb2.Usage | None = None
-        provider_model = request.model.upstream_model
+        answer = _StreamedAnswer(self.name, request.model.upstream_model)
         accepted = False
         try:
-            async with aconnect_sse(
-                self._client,
+            async with self._client.stream(
                 "POST",
                 "chat/completions",
                 json=self.chat_body(request, stream=True),
-                # a copy: the SSE helper adds its own headers to the dict it is given
-                headers=dict(request.model.headers),
+                headers={**request.model.headers, **http.SSE_HEADERS},
                 timeout=http.timeout(request.model, request.deadline),
-            ) as source:
-                response = source.response
+            ) as response:
                 if response.status_code != 200:
                     raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
-                ended = False
-                async for sse in source.aiter_sse():
-                    if ended or not sse.data:
-                        continue  # comments and keep-alive events carry no data
-                    if sse.data == "[DONE]":
-                        # Read on to the end of the body (at once, as a rule): a response
-                        # left unread closes its connection instead of returning it to the
-                        # pool, and the next call would pay a new one.
-                        ended = True
-                        continue
-                    chunk = http.json_event(self.name, sse.data)
-                    if "error" in chunk:
-                        raise StreamInterrupted(
-                            f"provider {self.name!r} reported an error mid-stream"
-                        )
-                    provider_model = chunk.get("model") or provider_model
-                    usage = _usage(chunk.get("usage")) or usage
-                    for choice in chunk.get("choices") or ():
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                            continue
-                        text, calls = _delta(self.name, choice)
-                        if text:
-                            parts.append(text)
-                            yield TextDelta(text)
-                        for raw in calls:
-                            piece = _tool_piece(self.name, raw)
-                            parts.append(piece.arguments_json)
-                            yield ToolCallPiece(piece)
-                        reason = choice.get("finish_reason")
-                        if reason:
-                            finish = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
-        except SSEError as err:
-            raise BadUpstreamResponse(
-                f"provider {self.name!r} answered a stream request without an event stream"
-            ) from err
+                async for events in http.sse_reads(self.name, response):
+                    pieces: list[Content] = []
+                    try:
+                        for sse in events:
+                            pieces += answer.read(sse)
+                    finally:
+                        # What came before a fault was sent: it goes on first.
+                        for piece in coalesced(pieces):
+                            yield piece
         except httpx.HTTPError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err
             raise http.transport_error(self.name, err) from err
-        if finish is None:
+        if answer.finish is None:
             raise StreamInterrupted(f"provider {self.name!r}'s stream ended before its final event")
+        usage = answer.usage
         if usage is None:
             log.warning("provider %r reported no usage; counting it with the tokenizer", self.name)
-            usage = tokens.estimate_usage(request.messages, "".join(parts))
-        yield Finished(finish_reason=finish, usage=usage, provider_model=provider_model)
+            usage = tokens.estimate_usage(request.messages, "".join(answer.parts))
+        yield Finished(
+            finish_reason=answer.finish, usage=usage, provider_model=answer.provider_model
+        )
 
     async def complete(self, request: ProviderRequest) -> Completion:
         try:
