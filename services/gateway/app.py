@@ -480,7 +480,8 @@ class Door:
             with telemetry.current_in_generator(span, end=False):
                 try:
                     yield chunk({"role": "assistant", "content": ""})
-                    async for item in call:
+                    # read() to the end: a call read once may not be iterated as well.
+                    while (item := await call.read()) is not grpc.aio.EOF:
                         kind = item.WhichOneof("chunk")
                         if kind == "delta":
                             delta: dict[str, Any] = {}
