@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.errors import BadUpstreamResponse
 from services.executor.providers.base import Content, TextDelta, ToolCallPiece, coalesced
-from services.executor.providers.http import ServerSentEvent, SSEDecoder
+from services.executor.providers.http import MAX_EVENT_BYTES, ServerSentEvent, SSEDecoder
 from strata.common.v1 import common_pb2
 
 BODY = (
@@ -37,7 +39,7 @@ EVENTS = [
 
 
 def decode(pieces: list[bytes]) -> list[ServerSentEvent]:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder("up")
     return [event for piece in pieces for event in decoder.feed(piece)]
 
 
@@ -61,12 +63,27 @@ def test_any_cut_of_the_body_gives_the_same_events(cuts: list[int]) -> None:
 
 
 def test_an_event_is_given_once_its_blank_line_came() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder("up")
     assert decoder.feed(b"data: one\n") == []
     assert decoder.feed(b"\ndata: two\n\n") == [
         ServerSentEvent("message", "one"),
         ServerSentEvent("message", "two"),
     ]
+
+
+def test_an_event_that_never_ends_is_refused_not_buffered() -> None:
+    decoder = SSEDecoder("up")
+    for _ in range(MAX_EVENT_BYTES // 65_536 - 1):
+        assert decoder.feed(b"data: " + b"x" * 65_530) == []
+    with pytest.raises(BadUpstreamResponse):
+        decoder.feed(b"x" * 2 * 65_536)
+
+
+def test_the_bound_is_per_event() -> None:
+    decoder = SSEDecoder("up")
+    event = b"data: " + b"x" * 65_536 + b"\n\n"
+    for _ in range(2 * MAX_EVENT_BYTES // len(event)):
+        assert len(decoder.feed(event)) == 1
 
 
 def test_runs_of_text_join_and_tool_pieces_keep_their_place() -> None:

@@ -321,18 +321,31 @@ class ServerSentEvent:
     data: str
 
 
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+"""Longest event (or line) an upstream may send: a stream that never ends one is refused
+rather than buffered without bound."""
+
+
 class SSEDecoder:
     """Server-sent events from the pieces of a body as they arrive (the WHATWG rules: a line
     ends in CRLF, LF or CR; a blank line ends an event; a line starting with `:` is a
     comment; `data` lines join with LF). An event without data is not one."""
 
-    def __init__(self) -> None:
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
         self._tail = b""
         self._event = ""
         self._data: list[str] = []
+        self._pending = 0
+        """Bytes of the event being read (its data lines and the unfinished line)."""
 
     def feed(self, piece: bytes) -> list[ServerSentEvent]:
-        """The events that `piece` completes."""
+        """The events that `piece` completes; BAD_UPSTREAM_RESPONSE past MAX_EVENT_BYTES."""
+        self._pending += len(piece)
+        if self._pending > MAX_EVENT_BYTES:
+            raise BadUpstreamResponse(
+                f"provider {self._provider!r} sent an event longer than {MAX_EVENT_BYTES} bytes"
+            )
         buffer = self._tail + piece
         # A CR at the very end may be the first half of a CRLF: its line waits for more.
         end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
@@ -349,6 +362,7 @@ class SSEDecoder:
                 if self._data:
                     events.append(ServerSentEvent(self._event or "message", "\n".join(self._data)))
                 self._event, self._data = "", []
+                self._pending = len(self._tail)
                 continue
             line = raw.decode("utf-8", "replace")
             name, _, value = line.partition(":")
@@ -374,7 +388,7 @@ async def sse_reads(
         raise BadUpstreamResponse(
             f"provider {provider!r} answered a stream request without an event stream"
         )
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(provider)
     async for piece in response.aiter_bytes():
         if events := decoder.feed(piece):
             yield events
