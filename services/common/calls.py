@@ -99,76 +99,11 @@ def open_channel(
         # Service); the same as pick_first when there is one.
         ("grpc.lb_policy_name", "round_robin"),
     ]
+    interceptors = [*security.client_interceptors(trust), *telemetry.client_interceptors()]
     credentials = trust.channel_credentials() if trust is not None else None
     if credentials is None:
-        channel = grpc.aio.insecure_channel(address, options=options)
-    else:
-        channel = grpc.aio.secure_channel(address, credentials, options=options)
-    return CarryingChannel(channel, trust.token if trust is not None else None)
-
-
-class CarryingChannel(grpc.aio.Channel):
-    """A channel whose every call carries the caller's trace context (W3C) and, when set,
-    the internal token in its metadata.
-
-    This is what client interceptors would add, without grpc.aio's intercepted call: that
-    runs each call in a task of its own through the interceptor chain, about 30 µs of CPU a
-    call per interceptor (bench/grpc_hop.py), on every hop of every request."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str | None) -> None:
-        self._channel = channel
-        self._token = token
-
-    def carried(self, metadata: Any) -> list[Any]:
-        """`metadata` with the trace context of the moment and the token."""
-        out = telemetry.inject_metadata(metadata)
-        if self._token:
-            out = [item for item in out if item[0] != security.INTERNAL_TOKEN_KEY]
-            out.append((security.INTERNAL_TOKEN_KEY, self._token))
-        return out
-
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Carried(self, self._channel.unary_unary(method, *args, **kwargs))
-
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Carried(self, self._channel.unary_stream(method, *args, **kwargs))
-
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Carried(self, self._channel.stream_unary(method, *args, **kwargs))
-
-    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Carried(self, self._channel.stream_stream(method, *args, **kwargs))
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._channel.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._channel.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._channel.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._channel.channel_ready()
-
-    async def __aenter__(self) -> CarryingChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._channel.close(None)
-
-
-class _Carried:
-    """A method of a CarryingChannel: its calls carry the channel's metadata."""
-
-    __slots__ = ("_call", "_channel")
-
-    def __init__(self, channel: CarryingChannel, call: Any) -> None:
-        self._channel = channel
-        self._call = call
-
-    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
-        return self._call(*args, metadata=self._channel.carried(metadata), **kwargs)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 class Deadline:

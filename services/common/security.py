@@ -152,3 +152,44 @@ class InternalTokenCheck(grpc.aio.ServerInterceptor):
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=serialize)
         return grpc.stream_stream_rpc_method_handler(refuse_stream, response_serializer=serialize)
+
+
+# --- client side ---------------------------------------------------------------------------
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(
+        *[item for item in (details.metadata or ()) if item[0] != INTERNAL_TOKEN_KEY]
+    )
+    metadata.add(INTERNAL_TOKEN_KEY, token)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# (grpc.aio files an interceptor under its first matching kind only: one class per kind.)
+class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+def client_interceptors(trust: Trust | None) -> list[Any]:
+    """Interceptors that add the internal token to every call (none without a token)."""
+    if trust is None or not trust.token:
+        return []
+    return [_UnaryUnaryToken(trust.token), _UnaryStreamToken(trust.token)]
