@@ -197,11 +197,16 @@ async def test_replay_without_captured_output_prints_the_new_answer(
 
 
 async def test_trace_and_replay_of_a_real_request(
-    orchestrator: Served, test_keys: ApiKeys, capsys: pytest.CaptureFixture[str]
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     first = await orchestrator.stub.Generate(
         a_request(), metadata=bearer(test_keys.acme), timeout=10
     )
+    # Records are saved after the reply.
+    await eventually(lambda: redis_db.exists(record_key("acme", "original-1")))
     common = ["--address", orchestrator.address, "--key", test_keys.acme]
 
     assert await strata("trace", "original-1", *common) == 0
@@ -217,7 +222,9 @@ async def test_trace_and_replay_of_a_real_request(
     assert compared["replay"]["prompt_hash"] == compared["original"]["prompt_hash"]
 
     # The replay's own record: the same seed, and the cache neither read nor written.
-    assert await strata("trace", compared["replay"]["request_id"], "--json", *common) == 0
+    replay_id = compared["replay"]["request_id"]
+    await eventually(lambda: redis_db.exists(record_key("acme", replay_id)))
+    assert await strata("trace", replay_id, "--json", *common) == 0
     replayed = json.loads(capsys.readouterr().out)
     assert replayed["cache_status"] == common_pb2.CacheStatus.Name(BYPASS)
     assert replayed["request"]["params"]["seed"] == "5"
@@ -227,10 +234,13 @@ async def test_trace_and_replay_of_a_real_request(
 async def test_replay_of_a_captured_request_diffs_nothing(
     start_orchestrator: StartOrchestrator,
     test_keys: ApiKeys,
+    redis_db: redis.Redis,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     served = await start_orchestrator(capture_content=True)
     first = await served.stub.Generate(a_request(), metadata=bearer(test_keys.acme), timeout=10)
+    # The record is saved after the reply.
+    await eventually(lambda: redis_db.exists(record_key("acme", "original-1")))
     common = ["--address", served.address, "--key", test_keys.acme]
 
     assert await strata("trace", "original-1", *common) == 0
