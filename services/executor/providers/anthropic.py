@@ -34,7 +34,6 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
     ToolCallPiece,
-    coalesced,
 )
 from strata.common.v1 import common_pb2
 
@@ -209,6 +208,17 @@ class _StreamReader:
         piece = common_pb2.ToolCallDelta(index=call, **fields)
         self.output.append(piece.arguments_json)
         return ToolCallPiece(piece)
+
+    def read_sse(self, sse: http.ServerSentEvent) -> list[Content]:
+        """The answer's events in one server-sent event."""
+        if self.stopped or not sse.data or sse.event == "ping":
+            # Keep-alives carry no answer; after message_stop the body is read to its end,
+            # so the connection returns to the pool.
+            return []
+        event = http.json_event(self.provider, sse.data)
+        # Anthropic names every event; an unnamed one says its type in its data.
+        kind = sse.event if sse.event != "message" else str(event.get("type"))
+        return self.read(kind, event)
 
     def read(self, kind: str, event: dict[str, Any]) -> list[Content]:
         """The answer's events in one upstream event; raises on an error event."""
@@ -388,23 +398,8 @@ class AnthropicProvider:
                     raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
-                async for events in http.sse_reads(self.name, response):
-                    pieces: list[Content] = []
-                    try:
-                        for sse in events:
-                            if reader.stopped or not sse.data or sse.event == "ping":
-                                # Keep-alives carry no answer; after message_stop the body
-                                # is read to its end, so the connection returns to the pool.
-                                continue
-                            event = http.json_event(self.name, sse.data)
-                            # Anthropic names every event; an unnamed one says its type in
-                            # its data.
-                            kind = sse.event if sse.event != "message" else str(event.get("type"))
-                            pieces += reader.read(kind, event)
-                    finally:
-                        # What came before a fault was sent: it goes on first.
-                        for piece in coalesced(pieces):
-                            yield piece
+                async for piece in http.streamed_pieces(self.name, response, reader.read_sse):
+                    yield piece
         except httpx.HTTPError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from services.common.errors import (
     UpstreamTimeout,
 )
 from services.common.settings import ConfigError
+from services.executor.providers.base import Content, coalesced
 
 MAX_ERROR_BODY = 64 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -392,3 +393,21 @@ async def sse_reads(
     async for piece in response.aiter_bytes():
         if events := decoder.feed(piece):
             yield events
+
+
+async def streamed_pieces(
+    provider: str,
+    response: httpx.Response,
+    read: Callable[[ServerSentEvent], list[Content]],
+) -> AsyncIterator[Content]:
+    """The answer's pieces in a streamed answer, `read` turning each event into its pieces
+    (or raising on an error event). What came in one read of the body goes on coalesced;
+    what came before a fault goes on before the fault."""
+    async for events in sse_reads(provider, response):
+        pieces: list[Content] = []
+        try:
+            for sse in events:
+                pieces += read(sse)
+        finally:
+            for piece in coalesced(pieces):
+                yield piece

@@ -34,7 +34,6 @@ from services.executor.providers.base import (
     ProviderRequest,
     TextDelta,
     ToolCallPiece,
-    coalesced,
 )
 from strata.common.v1 import common_pb2
 
@@ -257,15 +256,8 @@ class OpenAICompatibleProvider:
                     raise http.status_error(self.name, response, await response.aread())
                 accepted = True
                 yield Accepted()
-                async for events in http.sse_reads(self.name, response):
-                    pieces: list[Content] = []
-                    try:
-                        for sse in events:
-                            pieces += answer.read(sse)
-                    finally:
-                        # What came before a fault was sent: it goes on first.
-                        for piece in coalesced(pieces):
-                            yield piece
+                async for piece in http.streamed_pieces(self.name, response, answer.read):
+                    yield piece
         except httpx.HTTPError as err:
             if accepted:
                 raise StreamInterrupted(f"provider {self.name!r}'s stream broke") from err
