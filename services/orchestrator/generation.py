@@ -15,9 +15,11 @@ quota, too small a context...), hands over to the next one while the deadline al
 an answer has started, a failure ends the stream. Output guardrails watch a streamed answer
 as it goes and cut it with GUARDRAIL_BLOCKED; a whole answer is checked before it is sent.
 
-When a call completes, its answer is stored and its usage settled (with every attempt, for
-the circuit breakers) before the stream ends; the final chunk itself is not held back. A
-failed or cancelled call is settled in the background with what it used as far as known.
+When a call completes, its usage is settled (with every attempt, for the circuit breakers)
+and its answer stored right after the reply, side by side, in the background; the single
+flight ends once the answer is stored. A job's run stores and settles before it ends (see
+RERUN_IF_CUT). A failed or cancelled call is settled in the background with what it used as
+far as known.
 """
 
 from __future__ import annotations
