@@ -9,11 +9,18 @@ with the same two wrapped once per method (services.common.interception, how it 
 now); and that on uvloop (services.common.loops). A client in this process, on the same
 loop kind as the server, makes the calls one at a time. Per configuration: median round
 trip, and CPU microseconds per call of the client and of the server (from /proc).
-Medians over `--rounds` rounds; the configurations take turns within each round.
+Medians over `--rounds` rounds; the configurations take turns within each round. Both
+processes run the services' gRPC transport (services/__init__.py); `GRPC_EXPERIMENTS=`
+(empty) measures grpc's default one instead.
 """
 
 from __future__ import annotations
 
+# Both ends of the hop are Strata processes: importing `services` first gives this one the
+# gRPC transport the services run on (services/__init__.py), as the server process gets it.
+import services  # noqa: F401
+
+# isort: split
 import argparse
 import asyncio
 import contextlib

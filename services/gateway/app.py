@@ -644,6 +644,8 @@ async def start(settings: GatewaySettings) -> RunningGateway:
         log_config=None,
         access_log=False,
         lifespan="on",
+        # The C parser (h11, uvicorn's fallback, parses in Python: bench/RESULTS.md).
+        http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     server = uvicorn.Server(config)  # (it drains on SIGTERM and SIGINT by itself)
