@@ -34,9 +34,15 @@ HEALTH_CHECK_INTERVAL_S = 30
 
 
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redis:
-    """A pooled client whose every command gives up after `timeout_s`."""
-    return redis.Redis.from_url(
+    """A pooled client whose every command gives up after `timeout_s`.
+
+    When all `max_connections` are in use, a command waits for one to come back (at most
+    `timeout_s`) instead of failing: redis-py's default pool raises at once, which a burst
+    of more concurrent commands than connections would turn into REDIS_UNAVAILABLE with a
+    healthy Redis, and into a degraded service once RedisOutage counted enough of them."""
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         max_connections=max_connections,
@@ -46,6 +52,7 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redi
         retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         decode_responses=False,
     )
+    return redis.Redis.from_pool(pool)
 
 
 @contextmanager

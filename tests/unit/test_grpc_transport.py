@@ -2,10 +2,10 @@
 listener, unless GRPC_EXPERIMENTS says otherwise (services/__init__.py).
 
 gRPC core names the source file of each trace line; with `GRPC_TRACE=tcp` a process that
-serves and calls once shows which transport carried the call: `tcp_server_posix.cc` and
-`tcp_client_posix.cc` for iomgr, the EventEngine's `endpoint.cc` (and `posix_endpoint.cc`)
-otherwise. The
-probe runs in a fresh interpreter because the variable only counts before grpc loads.
+listens and connects to itself once shows which transport carried the connection:
+`tcp_server_posix.cc` and `tcp_client_posix.cc` for iomgr, the EventEngine's `endpoint.cc`
+(and `posix_endpoint.cc`) otherwise. The probe runs in a fresh interpreter because the
+variable only counts before grpc loads.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ EVENT_ENGINE = "endpoint.cc:"
 
 
 def _trace(**env: str) -> str:
-    """gRPC core's tcp trace of one call served and made by a fresh process."""
+    """gRPC core's tcp trace of a fresh process that listens and connects to itself."""
     base = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "GRPC_TRACE")}
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
