@@ -237,32 +237,34 @@ def http_call(client: httpx.AsyncClient) -> Call:
     return call
 
 
+def request_fields(prompt: str, exact_only: bool) -> dict[str, Any]:
+    """The fields of the benchmark's Generate (and StreamGenerate) request for `prompt`."""
+    return {
+        "model": MODEL,
+        "messages": [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt)],
+        "params": common_pb2.GenerationParams(temperature=0),
+        "cache_policy": common_pb2.CachePolicy(semantic_disabled=exact_only),
+    }
+
+
 def grpc_call(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, key: str) -> Call:
     """One Generate, or one StreamGenerate read to its final chunk."""
     metadata = (("authorization", f"Bearer {key}"),)
-    params = common_pb2.GenerationParams(temperature=0)
 
     async def call(prompt: str, stream: bool, exact_only: bool) -> Outcome:
-        messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt)]
-        policy = common_pb2.CachePolicy(semantic_disabled=exact_only)
+        fields = request_fields(prompt, exact_only)
         started = time.perf_counter()
         try:
             if not stream:
                 answer = await stub.Generate(
-                    orchestrator_pb2.GenerateRequest(
-                        model=MODEL, messages=messages, params=params, cache_policy=policy
-                    ),
-                    metadata=metadata,
-                    timeout=60,
+                    orchestrator_pb2.GenerateRequest(**fields), metadata=metadata, timeout=60
                 )
                 elapsed = time.perf_counter() - started
                 return Outcome(bool(answer.text), elapsed, error="" if answer.text else "empty")
             first: float | None = None
             done = False
             async for chunk in stub.StreamGenerate(
-                orchestrator_pb2.StreamGenerateRequest(
-                    model=MODEL, messages=messages, params=params, cache_policy=policy
-                ),
+                orchestrator_pb2.StreamGenerateRequest(**fields),
                 metadata=metadata,
                 timeout=60,
             ):

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from bench.gateway_overhead import MODEL, WORK, strata_on_upstream
-from strata.common.v1 import common_pb2
+from bench.gateway_overhead import WORK, request_fields, strata_on_upstream
 from strata.orchestrator.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
@@ -67,12 +66,7 @@ async def measure(address: str, key: str, args: argparse.Namespace) -> None:
                 if args.scenario == "exact-hit"
                 else f"Question {uuid.uuid4().hex}?"
             )
-            request = orchestrator_pb2.GenerateRequest(
-                model=MODEL,
-                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question)],
-                params=common_pb2.GenerationParams(temperature=0),
-                cache_policy=common_pb2.CachePolicy(semantic_disabled=True),
-            )
+            request = orchestrator_pb2.GenerateRequest(**request_fields(question, True))
             began = time.perf_counter()
             answer = await generate(request, metadata=metadata, timeout=30)
             if n >= args.warmup:

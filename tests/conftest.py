@@ -7,7 +7,6 @@ when it answers; else a private `redis-server` started for the session.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import redis
 import yaml
 
 from services.control.keys import new_key
-from strata_cli.devstack import PrivateRedis, redis_answers
+from strata_cli.devstack import PrivateRedis, free_port, redis_answers
 from tests.fakes.openai_upstream import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,12 +193,9 @@ def models_file(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) 
         "timeouts": {"first_token_s": 5.0},
     }
     # Nothing listens on the port of `up-unreachable` (it was free when the file was made).
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        closed_port = free.getsockname()[1]
     catalog["providers"]["closed"] = {
         "kind": "openai_compatible",
-        "base_url": f"http://127.0.0.1:{closed_port}/v1",
+        "base_url": f"http://127.0.0.1:{free_port()}/v1",
     }
     catalog["models"]["up-unreachable"] = {
         **catalog["models"]["up-ok"],
