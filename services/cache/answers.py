@@ -123,6 +123,8 @@ class AnswerCache:
         self._stats = stats
         self._policy = policy
         self._vectors: OrderedDict[str, list[float]] = OrderedDict()
+        self._embedding: dict[str, asyncio.Future[list[float]]] = {}
+        """Embeddings under way, by text."""
         self._outage = RedisOutage("cache")
         self._store_script = client.register_script(_STORE)
 
@@ -220,14 +222,32 @@ class AnswerCache:
         return cache_pb2.LookupResponse(rejected_by=rejected_by)
 
     async def _vector(self, text: str) -> list[float]:
-        """The embedding of a text; recent ones are remembered (a lookup then a store)."""
+        """The embedding of a text; recent ones are remembered (a lookup then a store).
+
+        One embedding per text at a time, and it runs to its end even when the lookup that
+        asked gives up (its semantic timeout): that request goes on to the model, and the
+        store of the model's answer needs the same vector, so it is never wasted, and under
+        load a question is embedded once rather than once per attempt."""
         vector = self._vectors.get(text)
-        if vector is None:
-            [vector] = await self._embedder.embed([text])
-            self._remember(text, vector)
-        else:
+        if vector is not None:
             self._vectors.move_to_end(text)
+            return vector
+        embedding = self._embedding.get(text)
+        if embedding is None:
+            embedding = asyncio.ensure_future(self._embed(text))
+            self._embedding[text] = embedding
+            embedding.add_done_callback(lambda done: self._embedded(text, done))
+        return await asyncio.shield(embedding)
+
+    async def _embed(self, text: str) -> list[float]:
+        [vector] = await self._embedder.embed([text])
+        self._remember(text, vector)
         return vector
+
+    def _embedded(self, text: str, done: asyncio.Future[list[float]]) -> None:
+        del self._embedding[text]
+        if not done.cancelled():
+            done.exception()  # (retrieved: nobody may be waiting any more)
 
     def _remember(self, text: str, vector: list[float]) -> None:
         self._vectors[text] = vector

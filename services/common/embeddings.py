@@ -10,15 +10,25 @@ A text becomes at most `max_tokens` word pieces ([CLS] and [SEP] included); the 
 token vectors are averaged over the attention mask and scaled to unit length, as
 sentence-transformers does for this model. Padding never changes a text's vector, so a batch
 gives the same vectors as its texts one by one.
+
+Calls made at the same time share batches: their texts wait in one queue (per event loop),
+and whenever a worker thread is free it takes up to `batch_size` of them, whoever asked. A
+call alone runs at once; under load one inference serves many lookups, for less CPU per
+text than running them one by one. A caller that gives up (cancelled) takes its texts
+still waiting out of the queue, so no CPU goes to vectors nobody will read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import hashlib
+import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -67,6 +77,37 @@ def packaged_tokenizer_path() -> Path:
     return _packaged(TOKENIZER_PACKAGE, TOKENIZER_FILE, "requirements-nodeps.txt, with --no-deps")
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """One call's texts in a queue; `vectors[i]` is filled when `texts[i]` is embedded."""
+
+    texts: Sequence[str]
+    done: asyncio.Future[None]
+    vectors: list[NDArray[np.float32] | None] = field(init=False)
+    taken: int = 0
+    """How many of `texts` have gone into batches."""
+    left: int = field(init=False)
+    """How many of `texts` have no vector yet."""
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.texts)
+        self.left = len(self.texts)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One event loop's queue and batches in flight (a service has one loop; tests run one
+    loop after another on a shared embedder)."""
+
+    queue: collections.deque[_Waiting] = field(default_factory=collections.deque)
+    running: int = 0
+    """Batches handed to the worker threads and not yet given out."""
+
+    def unqueue(self, waiting: _Waiting) -> None:
+        if waiting.taken < len(waiting.texts) and waiting in self.queue:
+            self.queue.remove(waiting)
+
+
 class LocalEmbedder:
     """all-MiniLM-L6-v2 in-process: one ONNX session shared by `threads` worker threads.
 
@@ -94,40 +135,104 @@ class LocalEmbedder:
         if not 2 <= max_tokens <= MAX_POSITIONS:
             raise ConfigError(f"embedder max_tokens must be 2..{MAX_POSITIONS}, not {max_tokens}")
         self._batch_size = batch_size
+        self._threads = threads
         self._tokenizer = _load_tokenizer(tokenizer_path or packaged_tokenizer_path(), max_tokens)
         self._session = _load_session(model_path or packaged_model_path())
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embedder")
         self._closed = False
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Unit vectors of the texts, in input order; inference runs in the worker threads."""
-        batches = self._batches(texts)
-        if not batches:
+        """Unit vectors of the texts, in input order; inference runs in the worker threads,
+        in batches shared with the calls waiting beside this one."""
+        self._check(texts)
+        if not texts:
             return []
         loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._embed_batch, batch) for batch in batches)
-        )
-        return np.concatenate(parts).tolist()
+        lane = self._lanes.get(loop) or self._lanes.setdefault(loop, _Lane())
+        waiting = _Waiting(texts, loop.create_future())
+        lane.queue.append(waiting)
+        self._start_batches(loop, lane)
+        try:
+            await waiting.done
+        except BaseException:
+            lane.unqueue(waiting)  # what is still queued is never embedded
+            raise
+        return np.stack(waiting.vectors).tolist()  # type: ignore[arg-type]
 
     def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
         """The same vectors as `embed`, computed in the calling thread (tools, benchmarks)."""
-        parts = [self._embed_batch(batch) for batch in self._batches(texts)]
+        self._check(texts)
+        size = self._batch_size
+        parts = [self._embed_batch(texts[at : at + size]) for at in range(0, len(texts), size)]
         return np.concatenate(parts).tolist() if parts else []
 
     async def aclose(self) -> None:
         """Stops the worker threads; calls still queued are cancelled. Idempotent."""
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for lane in list(self._lanes.values()):
+            while lane.queue:
+                lane.queue.popleft().done.cancel()
 
-    def _batches(self, texts: Sequence[str]) -> list[Sequence[str]]:
+    def _check(self, texts: Sequence[str]) -> None:
         if self._closed:
             raise RuntimeError("the embedder is closed")
         # A str is a Sequence[str] too: it would be embedded one character at a time.
         if isinstance(texts, str):
             raise TypeError("embed takes a sequence of texts, not one str")
-        size = self._batch_size
-        return [texts[start : start + size] for start in range(0, len(texts), size)]
+
+    def _start_batches(self, loop: asyncio.AbstractEventLoop, lane: _Lane) -> None:
+        """Hands queued texts to the free worker threads, up to `batch_size` per batch."""
+        while lane.queue and lane.running < self._threads and not self._closed:
+            batch: list[tuple[_Waiting, int]] = []
+            while lane.queue and len(batch) < self._batch_size:
+                waiting = lane.queue[0]
+                take = min(len(waiting.texts) - waiting.taken, self._batch_size - len(batch))
+                if not waiting.done.done():  # (else cancelled, its caller not yet resumed)
+                    batch += [(waiting, i) for i in range(waiting.taken, waiting.taken + take)]
+                waiting.taken += take
+                if waiting.taken == len(waiting.texts):
+                    lane.queue.popleft()
+            if not batch:
+                continue
+            lane.running += 1
+            work = self._pool.submit(self._embed_batch, [w.texts[i] for w, i in batch])
+
+            def finished(work: Future[NDArray[np.float32]], batch: list = batch) -> None:
+                # In a worker thread. A closed loop has nobody waiting; its lane goes with it.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._give_out, loop, lane, batch, work)
+
+            work.add_done_callback(finished)
+
+    def _give_out(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lane: _Lane,
+        batch: list[tuple[_Waiting, int]],
+        work: Future[NDArray[np.float32]],
+    ) -> None:
+        """In the callers' event loop: the batch's vectors to their calls; the next batch."""
+        lane.running -= 1
+        failure = asyncio.CancelledError() if work.cancelled() else work.exception()
+        for row, (waiting, i) in enumerate(batch):
+            if waiting.done.done():
+                continue
+            if failure is None:
+                waiting.vectors[i] = work.result()[row]
+                waiting.left -= 1
+                if waiting.left == 0:
+                    waiting.done.set_result(None)
+                continue
+            lane.unqueue(waiting)
+            if isinstance(failure, asyncio.CancelledError):
+                waiting.done.cancel()
+            else:
+                waiting.done.set_exception(failure)
+        self._start_batches(loop, lane)
 
     def _embed_batch(self, texts: Sequence[str]) -> NDArray[np.float32]:
         encodings = self._tokenizer.encode_batch_fast(list(texts))

@@ -1,10 +1,13 @@
 """The local embedder on the real packaged model: vector shape, meaning, batching, checks."""
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -153,3 +156,106 @@ async def test_closed_embedder_refuses() -> None:
         await local.embed(["hello"])
     with pytest.raises(RuntimeError, match="closed"):
         local.embed_sync(["hello"])
+
+
+# --- Batches shared by concurrent calls ------------------------------------------------
+
+
+class Gated:
+    """Wraps an embedder's inference: records each batch's texts, holds the first batch
+    until released, and fails any batch holding `poison`."""
+
+    def __init__(self, local: LocalEmbedder, poison: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self._inner = local._embed_batch
+        self._poison = poison
+        local._embed_batch = self  # type: ignore[method-assign]
+
+    def __call__(self, texts: Sequence[str]) -> Any:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            assert self.release.wait(10)
+        if self._poison in texts:
+            raise ValueError("inference failed")
+        return self._inner(texts)
+
+
+@pytest.fixture
+async def solo() -> AsyncIterator[LocalEmbedder]:
+    """One worker thread, batches of up to 32."""
+    local = LocalEmbedder(threads=1, max_tokens=MAX_TOKENS, batch_size=32)
+    yield local
+    await local.aclose()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_calls_waiting_together_share_one_inference(
+    solo: LocalEmbedder, embedder: LocalEmbedder
+) -> None:
+    gated = Gated(solo)
+    texts = [f"question number {n}" for n in range(16)]
+    calls = [asyncio.create_task(solo.embed([text])) for text in texts]
+    await until(lambda: len(gated.batches) == 1)  # the first runs alone, the rest wait
+    gated.release.set()
+    results = await asyncio.gather(*calls)
+    assert gated.batches == [texts[:1], texts[1:]]
+    assert_close([vector for [vector] in results], embedder.embed_sync(texts))
+
+
+async def test_texts_of_a_call_that_gave_up_are_never_embedded(
+    solo: LocalEmbedder, embedder: LocalEmbedder
+) -> None:
+    gated = Gated(solo)
+    first = asyncio.create_task(solo.embed(["first"]))
+    await until(lambda: len(gated.batches) == 1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(solo.embed(["abandoned", "also abandoned"]), 0.05)
+    kept = asyncio.create_task(solo.embed(["kept"]))
+    await asyncio.sleep(0)
+    gated.release.set()
+    assert_close(await kept, embedder.embed_sync(["kept"]))
+    await first
+    assert gated.batches == [["first"], ["kept"]]
+
+
+async def test_a_failed_inference_fails_its_callers_only(
+    solo: LocalEmbedder, embedder: LocalEmbedder
+) -> None:
+    gated = Gated(solo, poison="bad")
+    first = asyncio.create_task(solo.embed(["first"]))
+    await until(lambda: len(gated.batches) == 1)
+    shared = [asyncio.create_task(solo.embed([text])) for text in ("good", "bad")]
+    await asyncio.sleep(0)
+    gated.release.set()
+    await first
+    for call in shared:
+        with pytest.raises(ValueError, match="inference failed"):
+            await call
+    assert gated.batches[1] == ["good", "bad"]
+    # Nothing is left held: the next calls run.
+    assert_close(await solo.embed(["after"]), embedder.embed_sync(["after"]))
+
+
+def test_an_event_loop_closed_mid_batch_leaves_the_embedder_usable(
+    embedder: LocalEmbedder,
+) -> None:
+    local = LocalEmbedder(threads=1, max_tokens=MAX_TOKENS)
+    gated = Gated(local)
+
+    async def leave_while_embedding() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(local.embed(["left behind"]), 0.01)
+
+    asyncio.run(leave_while_embedding())
+    finished = local._pool.submit(lambda: None)  # queued behind the held batch
+    gated.release.set()  # the batch ends after its loop has closed
+    finished.result(timeout=10)
+    assert_close(asyncio.run(local.embed(["next"])), embedder.embed_sync(["next"]))
+    assert gated.batches == [["left behind"], ["next"]]
+    asyncio.run(local.aclose())

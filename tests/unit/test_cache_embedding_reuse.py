@@ -1,0 +1,121 @@
+"""The cache embeds each question once: a lookup that gives up on its semantic step (its
+timeout) leaves the vector to the store that follows, and lookups of one question at the
+same time share one embedding. Real Redis, Qdrant's engine in-process, the real embedder
+behind a gate that holds its inference."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.cache.answers import AnswerCache, CachePolicy
+from services.cache.stats import CacheStats
+from services.cache.vectors import EdgeIndex
+from services.common.embeddings import LocalEmbedder
+from services.common.redis_state import connect
+from strata.cache.v1 import cache_pb2
+from strata.common.v1 import common_pb2
+from tests.helpers import user
+
+SEMANTIC_TIMEOUT_S = 0.1
+
+
+class GatedEmbedder:
+    """The real embedder; each call is counted and waits for `open`."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        self.inner = inner
+        self.dimensions = inner.dimensions
+        self.open = asyncio.Event()
+        self.texts: list[str] = []
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.texts += texts
+        await self.open.wait()
+        return await self.inner.embed(texts)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedEmbedder]:
+    embedder = GatedEmbedder(await asyncio.to_thread(LocalEmbedder))
+    yield embedder
+    await embedder.aclose()
+
+
+@pytest.fixture
+async def answers(
+    gated: GatedEmbedder, redis_db: redis.Redis, redis_url: str, tmp_path: Path
+) -> AsyncIterator[AnswerCache]:
+    client = connect(redis_url, timeout_s=2.0)
+    index = EdgeIndex(tmp_path / "vectors", gated.dimensions)
+    policy = CachePolicy(
+        default_ttl_s=3600,
+        max_ttl_s=86400,
+        semantic_enabled=True,
+        min_similarity=0.83,
+        max_semantic_temperature=1.0,
+        candidates=4,
+        semantic_timeout_s=SEMANTIC_TIMEOUT_S,
+        max_entries_per_tenant=1000,
+        max_bytes_per_tenant=10_000_000,
+        audit_min_similarity=0.5,
+    )
+    yield AnswerCache(client, index, gated, CacheStats(client), policy)
+    await index.aclose()
+    await client.aclose()
+
+
+def scope() -> cache_pb2.CacheScope:
+    return cache_pb2.CacheScope(
+        tenant_id="acme", model="mock-fast", params=common_pb2.GenerationParams(temperature=0)
+    )
+
+
+def lookup(question: str) -> cache_pb2.LookupRequest:
+    return cache_pb2.LookupRequest(scope=scope(), messages=[user(question)])
+
+
+def store(question: str) -> cache_pb2.StoreRequest:
+    return cache_pb2.StoreRequest(
+        scope=scope(),
+        messages=[user(question)],
+        answer=cache_pb2.CachedAnswer(
+            text="Open settings, then Security.",
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+            usage=common_pb2.Usage(input_tokens=7, output_tokens=5),
+        ),
+    )
+
+
+async def test_a_lookup_that_gave_up_leaves_its_vector_to_the_store(
+    answers: AnswerCache, gated: GatedEmbedder
+) -> None:
+    question = "How do I reset my password?"
+    missed = await answers.lookup(lookup(question))  # the embedding is held: it gives up
+    assert missed.match == common_pb2.CACHE_MATCH_UNSPECIFIED
+    gated.open.set()
+    await answers.store(store(question))  # the answer the model gave meanwhile
+    assert len(gated.texts) == 1  # embedded once, for both
+
+    paraphrase = await answers.lookup(lookup("How can I reset my password?"))
+    assert paraphrase.match == common_pb2.CACHE_MATCH_SEMANTIC
+    assert len(gated.texts) == 2
+
+
+async def test_lookups_of_one_question_at_once_share_its_embedding(
+    answers: AnswerCache, gated: GatedEmbedder
+) -> None:
+    question = "Where is my parcel?"
+    calls = [asyncio.create_task(answers.lookup(lookup(question))) for _ in range(5)]
+    await asyncio.sleep(SEMANTIC_TIMEOUT_S / 4)
+    gated.open.set()
+    for found in await asyncio.gather(*calls):
+        assert found.match == common_pb2.CACHE_MATCH_UNSPECIFIED  # (nothing stored yet)
+    assert len(gated.texts) == 1
