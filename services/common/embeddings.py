@@ -12,10 +12,11 @@ sentence-transformers does for this model. Padding never changes a text's vector
 gives the same vectors as its texts one by one.
 
 Calls made at the same time share batches: their texts wait in one queue (per event loop),
-and whenever a worker thread is free it takes up to `batch_size` of them, whoever asked. A
-call alone runs at once; under load one inference serves many lookups, for less CPU per
-text than running them one by one. A caller that gives up (cancelled) takes its texts
-still waiting out of the queue, so no CPU goes to vectors nobody will read.
+and whenever a worker thread is free it takes up to `batch_size` of them, one of each
+waiting call in turn, so a short call never waits behind a long one. A call alone runs at
+once; under load one inference serves many lookups, for less CPU per text than running
+them one by one. A caller that gives up (cancelled) takes its texts still waiting out of
+the queue, so no CPU goes to vectors nobody will read.
 """
 
 from __future__ import annotations
@@ -187,15 +188,20 @@ class LocalEmbedder:
     def _start_batches(self, loop: asyncio.AbstractEventLoop, lane: _Lane) -> None:
         """Hands queued texts to the free worker threads, up to `batch_size` per batch."""
         while lane.queue and lane.running < self._threads and not self._closed:
+            # One text of each waiting call in turn: a lone question is in the next batch
+            # even behind a call with thousands of texts (a document being ingested).
             batch: list[tuple[_Waiting, int]] = []
             while lane.queue and len(batch) < self._batch_size:
-                waiting = lane.queue[0]
-                take = min(len(waiting.texts) - waiting.taken, self._batch_size - len(batch))
-                if not waiting.done.done():  # (else cancelled, its caller not yet resumed)
-                    batch += [(waiting, i) for i in range(waiting.taken, waiting.taken + take)]
-                waiting.taken += take
-                if waiting.taken == len(waiting.texts):
-                    lane.queue.popleft()
+                for waiting in list(lane.queue):
+                    if len(batch) == self._batch_size:
+                        break
+                    if waiting.done.done():  # cancelled, its caller not yet resumed
+                        waiting.taken = len(waiting.texts)
+                    else:
+                        batch.append((waiting, waiting.taken))
+                        waiting.taken += 1
+                    if waiting.taken == len(waiting.texts):
+                        lane.queue.remove(waiting)
             if not batch:
                 continue
             lane.running += 1

@@ -259,3 +259,19 @@ def test_an_event_loop_closed_mid_batch_leaves_the_embedder_usable(
     assert_close(asyncio.run(local.embed(["next"])), embedder.embed_sync(["next"]))
     assert gated.batches == [["left behind"], ["next"]]
     asyncio.run(local.aclose())
+
+
+async def test_a_lone_question_is_not_held_behind_a_long_call(
+    solo: LocalEmbedder, embedder: LocalEmbedder
+) -> None:
+    gated = Gated(solo)
+    chunks = [f"chunk {n} of a long document" for n in range(100)]
+    document = asyncio.create_task(solo.embed(chunks))
+    await until(lambda: len(gated.batches) == 1)  # the first 32 chunks
+    question = asyncio.create_task(solo.embed(["where is my parcel"]))
+    await asyncio.sleep(0)
+    gated.release.set()
+    assert_close(await question, embedder.embed_sync(["where is my parcel"]))
+    assert_close(await document, embedder.embed_sync(chunks))
+    assert "where is my parcel" in gated.batches[1]
+    assert [len(batch) for batch in gated.batches] == [32, 32, 32, 5]
