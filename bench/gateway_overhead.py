@@ -880,7 +880,14 @@ async def benchmark(
         # (httpcore) is the bottleneck from about 64 connections on (on 2 cores: 70-80
         # requests/s and p99 3-4 s against 540/s and 0.13 s), which would measure this client
         # rather than the direct path, Strata's HTTP door or the peer.
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # Idle connections are dropped after 2 s, before any server's keep-alive ends (5 s
+        # in uvicorn's default, LiteLLM's server): a request sent on a connection that the
+        # server is closing at that moment would fail (RemoteProtocolError).
+        limits = httpx.Limits(
+            max_connections=concurrency,
+            max_keepalive_connections=concurrency,
+            keepalive_expiry=2.0,
+        )
         return httpx.AsyncClient(
             base_url=base_url,
             transport=AiohttpTransport(limits),

@@ -646,6 +646,7 @@ async def start(settings: GatewaySettings) -> RunningGateway:
         lifespan="on",
         # The C parser (h11, uvicorn's fallback, parses in Python: bench/RESULTS.md).
         http="httptools",
+        timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     server = uvicorn.Server(config)  # (it drains on SIGTERM and SIGINT by itself)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -20,3 +21,9 @@ class GatewaySettings(ServiceSettings):
     """Deadline of a call whose client gave none (the orchestrator may apply a shorter one)."""
     models_ttl_s: float = 30.0
     """How long the list of models and routes is reused before it is asked for again."""
+    keep_alive_s: int = Field(default=75, ge=1)
+    """How long an idle client connection is kept open. Longer than the idle timeouts of
+    common load balancers and proxies (60 s), so they, not the door, close idle connections:
+    a request sent on a connection that the door is closing at that moment fails (a 502 at
+    the balancer, a dropped connection at a client). Clients that keep connections
+    themselves should drop them sooner than this."""

@@ -247,3 +247,36 @@ async def test_health(door: str) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
         reply = await http.get(door.removesuffix("/v1") + "/healthz")
     assert (reply.status_code, reply.json()) == (200, {"status": "SERVING"})
+
+
+async def _get_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """One GET /healthz on an open connection; the response's status (body read)."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: door\r\n\r\n")
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = next(
+        int(line.split(":", 1)[1])
+        for line in head.split("\r\n")
+        if line.lower().startswith("content-length:")
+    )
+    await reader.readexactly(length)
+    return int(head.split(" ", 2)[1])
+
+
+async def test_idle_connections_are_kept_for_keep_alive_s(orchestrator: Served) -> None:
+    # uvicorn's own default is 5 s: a door that ignored the setting would keep the
+    # connection past 4.5 s, and one that used it for less would close it within 1.5 s.
+    running = await start(
+        GatewaySettings(
+            port=0, orchestrator_address=orchestrator.address, log_level="WARNING", keep_alive_s=2
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    try:
+        assert await _get_health(reader, writer) == 200
+        await asyncio.sleep(1.5)
+        assert await _get_health(reader, writer) == 200  # same connection, still open
+        assert await asyncio.wait_for(reader.read(), 4.5) == b""  # then closed by the door
+    finally:
+        writer.close()
+        await running.stop()
