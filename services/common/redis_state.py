@@ -33,6 +33,32 @@ HEALTH_CHECK_INTERVAL_S = 30
 """A connection idle this long is pinged before use (a dead one is replaced)."""
 
 
+class _Pool(redis.BlockingConnectionPool):
+    """redis-py's blocking pool, closed for good by `aclose()`.
+
+    redis-py's pool goes on working after `aclose()`: work that outlives a shutdown (a
+    handler's clean-up after the server stopped, a command in flight that reconnects on
+    its retry) opens connections that nothing closes, and the pool holds its in-use
+    connections weakly. Here such work fails as Redis unavailable, and a connection coming
+    back to a closed pool is closed."""
+
+    _closed = False
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise RedisConnectionError("the Redis client is closed")
+        return await super().get_connection(*args, **kwargs)
+
+    async def release(self, connection: Any) -> None:
+        if self._closed:
+            await connection.disconnect(nowait=True)
+        await super().release(connection)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await super().aclose()
+
+
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redis:
     """A pooled client whose every command gives up after `timeout_s`.
 
@@ -40,7 +66,7 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redi
     `timeout_s`) instead of failing: redis-py's default pool raises at once, which a burst
     of more concurrent commands than connections would turn into REDIS_UNAVAILABLE with a
     healthy Redis, and into a degraded service once RedisOutage counted enough of them."""
-    pool = redis.BlockingConnectionPool.from_url(
+    pool = _Pool.from_url(
         url,
         timeout=timeout_s,
         socket_timeout=timeout_s,

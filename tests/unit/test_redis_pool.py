@@ -4,10 +4,12 @@ concurrent commands than connections wait for one instead of failing, within the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 import redis
+import redis.asyncio
 
 from services.common.errors import DependencyUnavailable
 from services.common.redis_state import connect, redis_errors
@@ -46,3 +48,39 @@ async def test_a_command_waits_for_a_connection_at_most_the_timeout(
         await client.aclose()
     # Bounded by the timeout, not failed at once (and not held for a retry's backoff).
     assert 0.25 <= waited < 1.5
+
+
+def _connections_left_open(pool: redis.asyncio.ConnectionPool) -> list[object]:
+    """Connections of `pool` that still hold a socket (the in-use ones are held weakly)."""
+    return [c for c in [*pool._available_connections, *pool._in_use_connections] if c.is_connected]
+
+
+async def test_a_closed_client_opens_no_connection(redis_url: str, redis_db: redis.Redis) -> None:
+    # Work that outlives a service's shutdown (a handler's clean-up after the server stopped)
+    # must not open a connection that nothing will close: it fails as Redis unavailable.
+    client = connect(redis_url, timeout_s=2.0)
+    with redis_errors():
+        assert await client.ping()
+    await client.aclose()
+    with pytest.raises(DependencyUnavailable), redis_errors():
+        await client.set("strata:test:late", b"1")
+    assert _connections_left_open(client.connection_pool) == []
+    assert redis_db.get("strata:test:late") is None
+
+
+async def test_a_command_in_flight_when_the_client_closes_leaves_no_connection_open(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    client = connect(redis_url, timeout_s=2.0)
+    # The BLPOP waits 300 ms on the server; closing the client cuts its connection, and the
+    # retry on a broken connection would connect it again.
+
+    async def pop() -> None:
+        with contextlib.suppress(redis.RedisError):
+            await client.blpop(["strata:test:empty"], timeout=0.3)
+
+    waiting = asyncio.create_task(pop())
+    await asyncio.sleep(0.05)
+    await client.aclose()
+    await waiting
+    assert _connections_left_open(client.connection_pool) == []
