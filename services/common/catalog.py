@@ -64,6 +64,10 @@ class _HttpProviderConfig(_ProviderBase):
     """Extra headers on every request to this provider."""
     max_connections: int = Field(default=100, gt=0)
     """Size of the connection pool."""
+    idle_connection_s: float = Field(default=4.0, gt=0)
+    """A pooled connection idle this long is closed. Keep it below the upstream's keep-alive
+    (5 s in uvicorn, hence vLLM and most Python servers): a request sent on a connection
+    the server is closing at that moment fails as the provider unavailable."""
     http2: bool = True
     """Use HTTP/2 where the upstream offers it (TLS with ALPN); HTTP/1.1 otherwise."""
 

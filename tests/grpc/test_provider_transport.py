@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,6 +22,7 @@ from services.common.errors import StrataError
 from services.executor.providers.base import ProviderRequest
 from services.executor.providers.openai_compatible import OpenAICompatibleProvider
 from strata.common.v1 import common_pb2
+from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import user
 
 ANSWER = {
@@ -126,3 +128,38 @@ async def test_a_broken_upstream_is_the_reason_it_always_meant(
         async for _ in provider.stream(request()):
             pass
     assert caught.value.reason == streamed
+
+
+async def test_an_idle_connection_is_closed_before_the_upstream_closes_it() -> None:
+    """Pooled connections are reused back to back, and one idle longer than
+    `idle_connection_s` is not: sent on while the upstream's keep-alive ends, a request
+    would fail as the provider unavailable."""
+    fake = FakeOpenAI().start()
+    config = OpenAICompatibleProviderConfig(
+        kind="openai_compatible", base_url=fake.base_url, idle_connection_s=0.3
+    )
+    provider = OpenAICompatibleProvider("fake", config)
+    marker = uuid.uuid4().hex
+
+    def request(n: int) -> ProviderRequest:
+        return ProviderRequest(
+            model=ModelConfig(name="fake-ok", provider="fake", upstream_model="fake-ok"),
+            messages=[user(f"{marker} {n}")],
+            params=common_pb2.GenerationParams(),
+            max_output_tokens=64,
+            deadline=Deadline.after(10),
+            request_id=f"req-idle-{n}",
+        )
+
+    try:
+        for n in range(3):
+            if n == 2:
+                await asyncio.sleep(0.8)
+            answer = await provider.complete(request(n))
+            assert answer.text
+    finally:
+        await provider.aclose()
+        fake.stop()
+    first, again, after_idle = (e.peer for e in fake.calls(marker))
+    assert first == again
+    assert after_idle != first

@@ -86,6 +86,7 @@ def pooled_client(
     limits = httpx.Limits(
         max_connections=config.max_connections,
         max_keepalive_connections=config.max_connections,
+        keepalive_expiry=config.idle_connection_s,
     )
     # HTTP/2 is negotiated in the TLS handshake (ALPN): a plaintext upstream speaks HTTP/1.1.
     http2 = config.http2 and config.base_url.startswith("https:")
