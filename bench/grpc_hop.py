@@ -1,6 +1,6 @@
 """What one gRPC hop between two Strata processes costs, and what the server's plumbing adds.
 
-    .venv/bin/python -m bench.grpc_hop [--calls 3000] [--rounds 3]
+    .venv/bin/python -m bench.grpc_hop [--calls 3000] [--rounds 3] [--client]
 
 A server process serves an echo method (unary, and a stream of `--chunks` messages) four
 ways: bare grpc.aio; with the tracing and in-flight bound as grpc.aio server interceptors
@@ -12,6 +12,11 @@ trip, and CPU microseconds per call of the client and of the server (from /proc)
 Medians over `--rounds` rounds; the configurations take turns within each round. Both
 processes run the services' gRPC transport (services/__init__.py); `GRPC_EXPERIMENTS=`
 (empty) measures grpc's default one instead.
+
+`--client` compares the caller's side instead, against the server as it serves now, each
+call made under a span and carrying the trace context and an internal token: added by two
+grpc.aio client interceptors (how Strata's channels did it before), or as each call is
+made (services.common.calls.CallerChannel, how they do it now).
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from bench import procs
-from services.common import interception, limits, loops, telemetry
+from services.common import interception, limits, loops, security, telemetry
+from services.common.calls import CallerChannel
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("bare", "interceptors", "wrapped", "wrapped+uvloop")
+CLIENTS = ("client-interceptors", "caller-channel")
+TOKEN = "bench-internal-token"
 
 
 def _handlers(chunks: int) -> grpc.GenericRpcHandler:
@@ -91,8 +101,53 @@ async def serve(config: str, port_file: Path, chunks: int) -> None:
     await server.wait_for_termination()
 
 
-async def drive(port: int, calls: int, chunks: int) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+def _details(details: Any, add: Callable[[list[Any]], list[Any]]) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*add(list(details.metadata or ())))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# (grpc.aio files an interceptor under its first matching kind only: one class per kind.)
+class _UnaryUnaryAdding(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, add: Callable[[list[Any]], list[Any]]) -> None:
+        self._add = add
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details(details, self._add), request)
+
+
+class _UnaryStreamAdding(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, add: Callable[[list[Any]], list[Any]]) -> None:
+        self._add = add
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details(details, self._add), request)
+
+
+def _client_channel(address: str, client: str | None) -> grpc.aio.Channel:
+    if client == "caller-channel":
+        return CallerChannel(grpc.aio.insecure_channel(address), TOKEN)
+    if client == "client-interceptors":
+        adds = (
+            lambda metadata: [*metadata, (security.INTERNAL_TOKEN_KEY, TOKEN)],
+            telemetry.inject_metadata,
+        )
+        interceptors = [
+            kind(add) for add in adds for kind in (_UnaryUnaryAdding, _UnaryStreamAdding)
+        ]
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address)
+
+
+async def drive(port: int, calls: int, chunks: int, client: str | None) -> dict[str, float]:
+    span = TracerProvider().get_tracer("bench").start_span("caller") if client else None
+    with trace.use_span(span) if span is not None else contextlib.nullcontext():
+        return await _drive(port, calls, chunks, client)
+
+
+async def _drive(port: int, calls: int, chunks: int, client: str | None) -> dict[str, float]:
+    async with _client_channel(f"127.0.0.1:{port}", client) as channel:
         echo = channel.unary_unary("/bench.Echo/Echo")
         pieces = channel.unary_stream("/bench.Echo/Pieces")
         metadata = (("x-request-id", "bench"),)
@@ -117,7 +172,9 @@ async def drive(port: int, calls: int, chunks: int) -> dict[str, float]:
         return out
 
 
-def one(config: str, calls: int, chunks: int, work: Path) -> dict[str, float]:
+def one(
+    config: str, calls: int, chunks: int, work: Path, client: str | None = None
+) -> dict[str, float]:
     port_file = work / f"{config}.port"
     port_file.unlink(missing_ok=True)
     server = subprocess.Popen(
@@ -135,7 +192,7 @@ def one(config: str, calls: int, chunks: int, work: Path) -> dict[str, float]:
         kind: loops.Kind = "uvloop" if config.endswith("uvloop") else "asyncio"
         before = procs.cpu_seconds([server.pid])
         # The server's CPU is read once for both kinds; split by calls made below.
-        result = loops.run(drive(port, calls, chunks), kind)
+        result = loops.run(drive(port, calls, chunks, client), kind)
         spent = procs.cpu_seconds([server.pid]) - before
     finally:
         server.terminate()
@@ -150,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--client", action="store_true", help="compare the caller's side")
     parser.add_argument("--serve", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,21 +218,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     work = ROOT / "bench" / ".work" / "grpc-hop"
     work.mkdir(parents=True, exist_ok=True)
-    rounds: dict[str, list[dict[str, float]]] = {c: [] for c in CONFIGS}
+    compared = CLIENTS if args.client else CONFIGS
+    rounds: dict[str, list[dict[str, float]]] = {c: [] for c in compared}
     for number in range(args.rounds):
-        order = CONFIGS[number % len(CONFIGS) :] + CONFIGS[: number % len(CONFIGS)]
-        for config in order:
-            print(f"==> round {number + 1}/{args.rounds}: {config}", file=sys.stderr)
-            rounds[config].append(one(config, args.calls, args.chunks, work))
+        order = compared[number % len(compared) :] + compared[: number % len(compared)]
+        for name in order:
+            print(f"==> round {number + 1}/{args.rounds}: {name}", file=sys.stderr)
+            if args.client:
+                result = one("wrapped+uvloop", args.calls, args.chunks, work, name)
+            else:
+                result = one(name, args.calls, args.chunks, work)
+            rounds[name].append(result)
     columns = (
         "unary_p50_us", "unary_client_cpu_us", "stream_p50_us", "stream_client_cpu_us",
         "server_cpu_us_per_message",
     )  # fmt: skip
     print(f"\n| configuration | {' | '.join(columns)} |")
     print(f"|---|{'---|' * len(columns)}")
-    for config in CONFIGS:
-        cells = [f"{statistics.median(r[c] for r in rounds[config]):.0f}" for c in columns]
-        print(f"| {config} | {' | '.join(cells)} |")
+    for name in compared:
+        cells = [f"{statistics.median(r[c] for r in rounds[name]):.0f}" for c in columns]
+        print(f"| {name} | {' | '.join(cells)} |")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Traces and metrics: one trace per request across the four services.
 
 Each service process configures its own tracer and meter providers (`configure`, called by
-the bootstrap), named after the service. The gRPC interceptors here carry W3C trace context
-on every hop: the client side writes `traceparent` into the call's metadata, the server side
-opens the call's SERVER span under it, so a request is one trace over orchestrator, control,
-cache and executor. Spans go to an OTLP collector through a bounded batch queue (a slow or
+the bootstrap), named after the service. W3C trace context goes over every hop: the client
+side writes `traceparent` into each call's metadata (`inject_metadata`, on every call of a
+`services.common.calls.CallerChannel`), the server side opens the call's SERVER span under
+it (`server_tracing`), so a request is one trace over orchestrator, control, cache and
+executor. Spans go to an OTLP collector through a bounded batch queue (a slow or
 absent collector costs requests nothing: when the queue is full spans are dropped and the
 SDK counts them in `otel.sdk.processor.span.processed`); metrics go to OTLP and to a
 Prometheus scrape endpoint, when those are configured.
@@ -402,39 +403,6 @@ def inject_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> list[
 def extract_metadata(metadata: Sequence[tuple[str, Any]] | None) -> otel_context.Context:
     carrier = {k: v for k, v in (metadata or ()) if k in _CARRIED and isinstance(v, str)}
     return _PROPAGATOR.extract(carrier)
-
-
-def _traced_details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(
-        details.method,
-        details.timeout,
-        grpc.aio.Metadata(*inject_metadata(list(details.metadata or ()))),
-        details.credentials,
-        details.wait_for_ready,
-    )
-
-
-# (grpc.aio files an interceptor under its first matching kind only: one class per kind.)
-class _UnaryUnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
-    """Writes the caller's trace context into each outgoing unary call's metadata."""
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return await continuation(_traced_details(client_call_details), request)
-
-
-class _UnaryStreamTracing(grpc.aio.UnaryStreamClientInterceptor):
-    """Writes the caller's trace context into each outgoing streaming call's metadata."""
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return await continuation(_traced_details(client_call_details), request)
-
-
-def client_interceptors() -> list[Any]:
-    return [_UnaryUnaryTracing(), _UnaryStreamTracing()]
 
 
 class _Undecodable:
