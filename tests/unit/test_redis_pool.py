@@ -1,5 +1,6 @@
 """The services' Redis client (services.common.redis_state.connect) on a real Redis: more
-concurrent commands than connections wait for one instead of failing, within the bound."""
+concurrent commands than connections wait for one instead of failing, within the bound; a
+closed client leaves no connection open, whatever was in flight or came after."""
 
 from __future__ import annotations
 
