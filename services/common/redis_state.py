@@ -34,24 +34,51 @@ HEALTH_CHECK_INTERVAL_S = 30
 
 
 class _Pool(redis.BlockingConnectionPool):
-    """redis-py's blocking pool, closed for good by `aclose()`.
+    """redis-py's blocking pool with a short path, closed for good by `aclose()`.
 
-    redis-py's pool goes on working after `aclose()`: work that outlives a shutdown (a
-    handler's clean-up after the server stopped, a command in flight that reconnects on
-    its retry) opens connections that nothing closes, and the pool holds its in-use
-    connections weakly. Here such work fails as Redis unavailable, and a connection coming
-    back to a closed pool is closed."""
+    The short path: while no caller waits for a connection, a command takes an idle one and
+    gives it back directly, without redis-py's condition, timer, deprecation check, release
+    event and metrics hooks (none of which Strata uses: no credential provider, no
+    redis-py observability). Skipping them: 164 -> 119 µs of CPU per GET, 251 -> 186 µs
+    per two-command pipeline (`python -m bench.redis_pool`). A command that finds no idle
+    connection, and every command while one waits, goes redis-py's way: it waits its turn,
+    at most `timeout`, and each connection given back wakes a waiter.
+
+    Closed for good: redis-py's pool goes on working after `aclose()`, so work that
+    outlives a shutdown (a handler's clean-up after the server stopped, a command in flight
+    that reconnects on its retry) would open connections that nothing closes (the pool
+    holds its in-use connections weakly). Here such work fails as Redis unavailable, and a
+    connection coming back to a closed pool is closed."""
 
     _closed = False
+    _queued = 0
+    """Commands on redis-py's path: while any is, no command takes the short one."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             raise RedisConnectionError("the Redis client is closed")
-        return await super().get_connection(*args, **kwargs)
+        if self._available_connections and not self._queued and not self._in_maintenance:
+            connection = self._available_connections.pop()
+            self._in_use_connections.add(connection)
+            try:
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+            return connection
+        self._queued += 1
+        try:
+            return await super().get_connection(*args, **kwargs)
+        finally:
+            self._queued -= 1
 
     async def release(self, connection: Any) -> None:
         if self._closed:
             await connection.disconnect(nowait=True)
+        elif not self._queued and not connection.should_reconnect():
+            self._in_use_connections.remove(connection)
+            self._available_connections.append(connection)
+            return
         await super().release(connection)
 
     async def aclose(self) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 import redis
@@ -51,6 +53,10 @@ async def test_a_command_waits_for_a_connection_at_most_the_timeout(
     assert 0.25 <= waited < 1.5
 
 
+async def _awaited(command: Awaitable[Any]) -> Any:
+    return await command
+
+
 def _connections_left_open(pool: redis.asyncio.ConnectionPool) -> list[object]:
     """Connections of `pool` that still hold a socket (the in-use ones are held weakly)."""
     return [c for c in [*pool._available_connections, *pool._in_use_connections] if c.is_connected]
@@ -85,3 +91,36 @@ async def test_a_command_in_flight_when_the_client_closes_leaves_no_connection_o
     await client.aclose()
     await waiting
     assert _connections_left_open(client.connection_pool) == []
+
+
+async def test_commands_one_after_another_share_one_connection(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    client = connect(redis_url, timeout_s=2.0)
+    try:
+        with redis_errors():
+            ids = {await client.client_id() for _ in range(5)}
+    finally:
+        await client.aclose()
+    assert len(ids) == 1
+
+
+async def test_a_connection_given_back_goes_to_the_command_waiting_for_it(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    client = connect(redis_url, timeout_s=2.0, max_connections=1)
+    try:
+        held = await client.connection_pool.get_connection()
+        waiting = asyncio.create_task(_awaited(client.set("strata:test:waited", b"1")))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await client.connection_pool.release(held)
+        # A command that comes after the waiter, with the one connection just given back:
+        # it takes its turn behind the waiter instead of taking the connection first.
+        later = asyncio.create_task(_awaited(client.get("strata:test:waited")))
+        with redis_errors():
+            async with asyncio.timeout(2):
+                assert await waiting
+                assert await later == b"1"
+    finally:
+        await client.aclose()
