@@ -108,7 +108,8 @@ def open_channel(
     return CallerChannel(channel, trust.token if trust is not None else None)
 
 
-Metadata = Sequence[tuple[str, str | bytes]]
+_Pairs = Sequence[tuple[str, str | bytes]]
+"""A call's metadata as key-value pairs (not grpc.aio.Metadata)."""
 
 
 class _Adding:
@@ -116,11 +117,11 @@ class _Adding:
 
     __slots__ = ("_add", "_method")
 
-    def __init__(self, method: Any, add: Callable[[Metadata | None], Metadata]) -> None:
+    def __init__(self, method: Any, add: Callable[[_Pairs | None], _Pairs]) -> None:
         self._method = method
         self._add = add
 
-    def __call__(self, request: Any, *, metadata: Metadata | None = None, **options: Any) -> Any:
+    def __call__(self, request: Any, *, metadata: _Pairs | None = None, **options: Any) -> Any:
         return self._method(request, metadata=self._add(metadata), **options)
 
 
@@ -138,7 +139,7 @@ class CallerChannel(grpc.aio.Channel):
         self._channel = channel
         self._token = token
 
-    def _metadata(self, metadata: Metadata | None) -> Metadata:
+    def _metadata(self, metadata: _Pairs | None) -> _Pairs:
         added = telemetry.inject_metadata(metadata)
         if self._token:
             added = [item for item in added if item[0] != security.INTERNAL_TOKEN_KEY]
