@@ -4,9 +4,11 @@
 
 The services' client (services.common.redis_state.connect) takes an idle connection and
 gives it back without redis-py's condition, timer and hooks while no command waits for
-one. This sends `--commands` GETs one after another, then as many two-command pipelines,
-through that client and through redis-py's own BlockingConnectionPool with the same
-connection settings, on uvloop as the services run, the two taking turns in each round.
+one, and bounds each write with asyncio.timeout rather than asyncio.wait_for (which makes
+a task per command). This sends `--commands` GETs one after another, then as many
+two-command pipelines, through that client and through redis-py's own
+BlockingConnectionPool and connection class with the same settings, on uvloop as the
+services run, the two taking turns in each round.
 Prints the median over rounds of the caller's CPU microseconds per command (or pipeline),
 from time.process_time. Redis: $STRATA_BENCH_REDIS_URL, else db 14 of the local one, else
 a private redis-server.
@@ -35,8 +37,9 @@ def _client(url: str, kind: str) -> redis.Redis:
         return client
     pool = client.connection_pool
     assert isinstance(pool, redis.BlockingConnectionPool)
+    stock = next(c for c in pool.connection_class.__mro__ if c.__module__.startswith("redis."))
     plain = redis.BlockingConnectionPool(
-        connection_class=pool.connection_class,
+        connection_class=stock,
         max_connections=pool.max_connections,
         timeout=pool.timeout,
         **pool.connection_kwargs,

@@ -151,7 +151,8 @@ class RunningServer:
 async def _failed_probes(probes: Mapping[str, Probe]) -> list[str]:
     async def check(probe: Probe) -> bool:
         try:
-            await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await probe()
         except Exception:
             return False
         return True

@@ -124,3 +124,70 @@ async def test_a_connection_given_back_goes_to_the_command_waiting_for_it(
                 assert await later == b"1"
     finally:
         await client.aclose()
+
+
+async def test_a_cancel_that_lands_as_a_command_is_written_gets_through(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    # redis-py bounds writes with asyncio.wait_for, which on Python 3.11 drops a cancel that
+    # lands as the write completes: the caller went on as if never cancelled (a gRPC
+    # handler whose client had cancelled went on to the model call). A cancel at each loop
+    # turn after the command starts covers the moment of the write.
+    client = connect(redis_url, timeout_s=2.0)
+    lost = []
+    try:
+        with redis_errors():
+            await client.ping()
+        for turns in range(12):
+            task = asyncio.create_task(_set(client, "strata:test:cancelled"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            finished_before = task.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not (task.cancelled() or finished_before):
+                lost.append(turns)
+            await asyncio.sleep(0.01)  # the connection back in the pool
+    finally:
+        await client.aclose()
+    assert lost == [], f"cancels lost at loop turns {lost}"
+
+
+async def _set(client: redis.asyncio.Redis, key: str) -> None:
+    await client.set(key, b"1")
+
+
+async def test_a_write_that_cannot_go_out_fails_within_the_bound() -> None:
+    # A peer that answers the connection's set-up and then reads nothing more: a large
+    # command fills the socket buffers and its write blocks until the timeout.
+    transports: list[asyncio.Transport] = []
+
+    class Answering(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transports.append(transport)
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            commands = data.count(b"\r\n*") + data.startswith(b"*")
+            self.transport.write(b"+OK\r\n" * commands)
+
+    server = await asyncio.get_running_loop().create_server(Answering, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    try:
+        with redis_errors():
+            await client.ping()
+        for transport in transports:
+            transport.pause_reading()
+        began = time.monotonic()
+        with pytest.raises(DependencyUnavailable), redis_errors():
+            await client.set("strata:test:large", b"x" * (64 << 20))
+        waited = time.monotonic() - began
+    finally:
+        await client.aclose()
+        for transport in transports:
+            transport.abort()
+        server.close()
+    assert 0.25 <= waited < 2.0
