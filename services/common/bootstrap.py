@@ -4,7 +4,8 @@ Both build the same grpc.aio server: the service's handlers, the standard health
 (NOT_SERVING until every dependency probe answers, and kept true by re-probing), server
 reflection, and a bound port (0 in tests). Interceptors guard every call: the internal
 token on internal services (`security`), the bound on calls in flight (`limits`), then
-tracing (`telemetry`). The port is plaintext or TLS as `security.Trust` says. `run()` adds
+tracing (`telemetry`). The port is plaintext or TLS as `security.Trust` says; with
+`health_port` set, a second server answers health alone, in plaintext. `run()` adds
 the signals: on SIGTERM or SIGINT health turns NOT_SERVING, open calls get
 `shutdown_grace_s` to finish, then the service's clients close.
 """
@@ -35,6 +36,10 @@ Probe = Callable[[], Awaitable[object]]
 """Raises (or times out) when a dependency does not answer."""
 
 PROBE_TIMEOUT_S = 2.0
+HEALTH_MESSAGE_BYTES = 4096
+"""Largest request the health-only port takes (a health request is a service name)."""
+HEALTH_CONCURRENT_CALLS = 64
+"""Calls the health-only port serves at once (probes and watchers)."""
 
 
 def answered_once(probe: Probe) -> Probe:
@@ -94,12 +99,17 @@ class RunningServer:
         health_servicer: health.aio.HealthServicer,
         port: int,
         settings: ServiceSettings,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int | None = None,
     ) -> None:
         self.server = server
         self.service = service
         self.health = health_servicer
         self.port = port
         self.address = f"{settings.host}:{port}"
+        self.health_port = health_port
+        """The plaintext health-only port (`health_port` setting), if any."""
+        self._health_server = health_server
         self._settings = settings
         self._watch = asyncio.create_task(self._watch_health(), name=f"{service.name}-health")
         self._stopped = False
@@ -140,6 +150,9 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         await self.server.stop(grace)
+        if self._health_server is not None:
+            # Answered NOT_SERVING through the grace; then gone with the service.
+            await self._health_server.stop(0)
         if self.service.close is not None:
             await self.service.close()
         if self.telemetry is not None:
@@ -195,13 +208,36 @@ async def start(settings: ServiceSettings, service: Service) -> RunningServer:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"{service.name}: cannot bind {settings.host}:{settings.port}")
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        health_server, health_port = _health_only(settings, health_servicer)
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     if settings.port_file is not None:
         _write_atomically(settings.port_file, f"{port}\n")
-    running = RunningServer(server, service, health_servicer, port, settings)
+    running = RunningServer(
+        server, service, health_servicer, port, settings, health_server, health_port
+    )
     running.telemetry = made
     running.inflight = inflight
     return running
+
+
+def _health_only(
+    settings: ServiceSettings, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with the health service alone (the same statuses as the main
+    port's), for probes that cannot present a client certificate."""
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES)],
+        maximum_concurrent_rpcs=HEALTH_CONCURRENT_CALLS,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind the health port {settings.host}:{settings.health_port}")
+    return server, port
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -70,6 +70,10 @@ class ServiceSettings(BaseSettings):
     tls_ca_file: Path | None = None
     """PEM CA bundle that peers' certificates must chain to: internal services require a
     client certificate signed by it, clients verify servers against it."""
+    health_port: int | None = None
+    """A second port, always plaintext, that serves only the standard health service (Check
+    and Watch): for probes that cannot present a client certificate, such as Kubernetes
+    `grpc:` probes, when mutual TLS is on. Unset: none; 0: any free port."""
     public_tls: bool = False
     """Whether the orchestrator's public port uses TLS too: the orchestrator serves it with
     the certificate above (asking clients for none), the gateway connects with it. Off: the

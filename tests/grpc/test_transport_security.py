@@ -273,3 +273,39 @@ async def test_mutual_tls_requires_a_certificate_from_the_ca(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     # public_tls off (the default): the public port stays plaintext, for TLS at the ingress.
     assert not Trust.of(ServiceSettings(**files), public=True).tls
+
+
+async def test_the_health_port_answers_plaintext_probes_of_a_service_that_requires_mtls(
+    stack: Stack, models_file: Path, tmp_path: Path
+) -> None:
+    settings = ExecutorSettings(
+        models_file=models_file, health_port=0, **make_certs(tmp_path / "certs"), **LOCAL
+    )
+    server = await stack.start(settings, await build_executor(settings))
+    assert server.health_port
+    check = health_pb2.HealthCheckRequest()
+    # The service's port takes mutual TLS only, so a plaintext probe cannot use it...
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_pb2_grpc.HealthStub(stack.channel(server.address)).Check(check, timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    # ...and the health port answers it, for the process and for each service.
+    probe = stack.channel(f"127.0.0.1:{server.health_port}")
+    health = health_pb2_grpc.HealthStub(probe)
+    for name in ["", *server.service.service_names]:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    # Health alone: nothing else of the service is reachable without a certificate.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await executor_pb2_grpc.ExecutorServiceStub(probe).ListModels(
+            executor_pb2.ListModelsRequest(), timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Stopping: NOT_SERVING there as on the service's port, then the port closes.
+    watch = health.Watch(check, timeout=10)
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    stopping = asyncio.create_task(server.stop(0.5))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await stopping
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(check, timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

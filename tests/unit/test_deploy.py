@@ -290,10 +290,13 @@ def test_workload_ports_and_probes_match_its_settings(name: str) -> None:
     served = "http" if name == "gateway" else "grpc"
     assert ports[served] == port
     assert ports["metrics"] == int(env[f"{prefix}METRICS_PORT"])
+    if served == "grpc":
+        # Probes ask the plaintext health-only port, which answers with mutual TLS on.
+        assert ports["health"] == int(env[f"{prefix}HEALTH_PORT"])
     for probe in ("startupProbe", "readinessProbe"):
         spec = container[probe]
         if served == "grpc":
-            assert spec["grpc"]["port"] == port, f"{name}.{probe}"
+            assert spec["grpc"]["port"] == ports["health"], f"{name}.{probe}"
         else:
             assert spec["httpGet"]["path"] == "/healthz"
             assert spec["httpGet"]["port"] in (port, served)
