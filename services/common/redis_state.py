@@ -59,6 +59,9 @@ class _BoundedWrite:
             async with asyncio.timeout(timeout):
                 await super().send_packed_command(command, check_health)  # type: ignore[misc]
         except TimeoutError:
+            # Cut wherever it was (connecting, the health check's PING, the write): the
+            # connection may be part-way through an exchange, so it is not used again.
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
             raise RedisTimeoutError("Timeout writing to socket") from None
         finally:
             self.socket_timeout = timeout

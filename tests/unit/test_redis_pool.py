@@ -185,6 +185,8 @@ async def test_a_write_that_cannot_go_out_fails_within_the_bound() -> None:
         with pytest.raises(DependencyUnavailable), redis_errors():
             await client.set("strata:test:large", b"x" * (64 << 20))
         waited = time.monotonic() - began
+        # The cut connection is not given to the next command.
+        assert _connections_left_open(client.connection_pool) == []
     finally:
         await client.aclose()
         for transport in transports:
