@@ -19,10 +19,11 @@ tenant's admit script. Budgets are checked against spend + reservations + this r
 worst case (prompt + max output tokens at the priciest candidate's prices), so concurrent
 requests on any number of replicas can never overspend. Reservations that are never settled
 expire into a charge of their worst case (the sweeper), never into free money; a late
-settlement corrects the charge to the real cost. A request id settled and then admitted again
-(a retry after a failure) is a new admission, charged on its own; the request counts once.
-Periods (UTC day and month) follow Redis
-server time: the scripts refuse keys named after another period and the caller renames them.
+settlement corrects the charge to the real cost. An admission whose caller was cut before it
+saw it is settled at once as cancelled (`admit_call`). A request id settled and then admitted
+again (a retry after a failure) is a new admission, charged on its own; the request counts
+once. Periods (UTC day and month) follow Redis server time: the scripts refuse keys named
+after another period and the caller renames them.
 
 When Redis does not answer (down, paused, cut off: each call is bounded by the Redis
 timeout, and after a few failures in a row Redis is skipped for a moment, see
@@ -80,6 +81,7 @@ from services.common.errors import (
 )
 from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.redis_state import RedisOutage, queue_script, redis_errors, run_pipeline
+from services.common.tasks import Background
 from services.common.validation import MAX_TOKENS, check_name, check_request_id
 from services.control.keys import (
     TENANTS_SET,
@@ -197,6 +199,8 @@ class Admission:
     profile: str
     number: int
     """Which admission of the request id this is (a retry after settlement is the next)."""
+    replayed: bool = False
+    """The request id held this admission already (an admit repeated): another call has it."""
     findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
     redacted: list[common_pb2.ChatMessage] | None = None
 
@@ -313,8 +317,62 @@ class AdmissionControl:
         self._local = LocalLimiter()
         self._deferred: deque[control_pb2.SettleRequest] = deque()
         self._fallbacks: tuple[object, Counter] | None = None
+        self._background = Background()
+
+    async def drain(self) -> None:
+        """Waits for the settlements of admissions cut by their clients (see `admit_call`)."""
+        await self._background.drain()
 
     # --- admission -------------------------------------------------------------------
+
+    async def admit_call(self, request: control_pb2.AdmitRequest) -> Admission:
+        """`admit` for a call its client may cut (a deadline, a cancel) while Redis decides.
+
+        A cut admission runs to its end anyway and is then settled at once as cancelled,
+        probes released: its client never learns of it, and left alone its reservation would
+        hold the tenant's concurrency and budget, then expire into a worst-case charge."""
+        admitting = asyncio.ensure_future(self.admit(request))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            self._background.run(self._settle_unseen(request.request_id, admitting))
+            raise
+
+    async def _settle_unseen(self, request_id: str, admitting: asyncio.Future[Admission]) -> None:
+        try:
+            admission = await admitting
+        except StrataError:
+            return  # refused: nothing is held
+        if admission.number == 0 or admission.replayed:
+            # Admitted by this process while Redis did not answer (nothing is held), or the
+            # admission of another call of the request id, which settles it.
+            return
+        key = admission.key
+        probes = [self._catalog.models[name] for name, probe in admission.plan if probe]
+        try:
+            await self._apply_settlement(
+                request_id,
+                key.tenant_id,
+                key.key_id,
+                key.team_id,
+                _OUTCOMES[control_pb2.OUTCOME_CANCELLED],
+                "",
+                0,
+                0,
+                0,
+                False,
+                admission.number,
+                (lambda pipe: self._queue_probe_releases(pipe, probes)) if probes else None,
+                cut=True,
+            )
+        except StrataError as err:
+            # Not kept for later as other settlements are: by then another call of the
+            # request id may hold the admission.
+            log.warning(
+                "admission of %s cut by its client not settled (%s): it will expire",
+                request_id,
+                err.reason,
+            )
 
     async def authenticate(self, api_key: str, api_key_sha256: str = "") -> KeyRecord:
         """The key's record (by the key, or its hash); API_KEY_INVALID when unknown or revoked.
@@ -389,6 +447,7 @@ class AdmissionControl:
             reserved_cost=int(admitted[2]),
             profile=profile,
             number=int(admitted[4]),
+            replayed=bool(admitted[3]),
             findings=findings,
             redacted=redacted,
         )
@@ -564,19 +623,19 @@ class AdmissionControl:
 
     async def _release_probes(self, models: Sequence[ModelConfig]) -> None:
         """Lets another request probe the half-open breakers this refused request held."""
-        if not models:
-            return
+        if models:
+            await run_pipeline(
+                self._redis, lambda pipe: self._queue_probe_releases(pipe, models), self._scripts
+            )
 
-        def build(pipe: Any) -> None:
-            for model in models:
-                queue_script(
-                    pipe,
-                    self._breaker,
-                    model_keys(model.name),
-                    ["release", 0, 1, 0, 0, *_breaker_args(model)],
-                )
-
-        await run_pipeline(self._redis, build, self._scripts)
+    def _queue_probe_releases(self, pipe: Any, models: Sequence[ModelConfig]) -> None:
+        for model in models:
+            queue_script(
+                pipe,
+                self._breaker,
+                model_keys(model.name),
+                ["release", 0, 1, 0, 0, *_breaker_args(model)],
+            )
 
     # --- settlement ------------------------------------------------------------------
 
@@ -681,9 +740,11 @@ class AdmissionControl:
         cache_hit: bool,
         admission: int,
         before: Callable[[Any], None] | None = None,
+        cut: bool = False,
     ) -> bool:
         """Applies the settlement script; `before` queues commands that go in the same round
-        trip, ahead of it (breaker records, findings), on the first attempt only."""
+        trip, ahead of it (breaker records, findings), on the first attempt only. `cut`: the
+        admission's caller never saw it; another call given it since settles it instead."""
         names = TenantKeys(tenant_id)
         day, month = periods()
         for _ in range(3):
@@ -725,6 +786,7 @@ class AdmissionControl:
                         model,
                         self._settlement_ttl_s,
                         admission,
+                        int(cut),
                     ],
                 )
 

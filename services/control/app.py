@@ -71,6 +71,7 @@ async def build(settings: ControlSettings) -> Service:
     async def close() -> None:
         for task in (seeding, sweeper):
             await cancel_and_wait(task)
+        await admission.drain()
         await keys.stop()
         await client.aclose()
 

@@ -25,7 +25,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         self, request: control_pb2.AdmitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.AdmitResponse:
         try:
-            admission = await self._admission.admit(request)
+            admission = await self._admission.admit_call(request)
         except StrataError as err:
             telemetry.instruments("control").admission_denials.add(1, {semconv.REASON: err.reason})
             raise

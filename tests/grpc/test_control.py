@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,10 +15,15 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.catalog import load_catalog
+from services.common.guardrails import Guardrails
+from services.common.redis_state import connect
+from services.control.admission import AdmissionControl
+from services.control.keys import KeyStore
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from tests.conftest import ApiKeys
-from tests.grpc.conftest import Served
+from tests.grpc.conftest import Served, StartControl
 from tests.helpers import rich_error, state_snapshot, usage_record
 
 
@@ -253,3 +261,114 @@ async def test_a_decision_asks_redis_no_script_exists(
         admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
         await control.stub.Settle(settle_request(admitted, request_id, 1, 1))
     assert script_calls() == before
+
+
+@contextlib.contextmanager
+def writes_paused(redis_db: redis.Redis) -> Iterator[None]:
+    """Redis holds every write (scripts included) until the block ends; reads go on."""
+    redis_db.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    try:
+        yield
+    finally:
+        redis_db.execute_command("CLIENT", "UNPAUSE")
+
+
+async def held_decisions(redis_db: redis.Redis, count: int) -> None:
+    """Waits until `count` connections have a script held by the pause."""
+    async with asyncio.timeout(5):
+        while True:
+            clients = redis_db.client_list()
+            held = [c for c in clients if "b" in c["flags"] and c["cmd"] == "evalsha"]
+            if len(held) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def admission(
+    control: Served, redis_url: str, models_file: Path, guardrails_file: Path
+) -> AsyncIterator[AdmissionControl]:
+    """Control's admission itself, on the tenants `control` wrote, so that a test can cut a
+    call at the moment it chooses; its Redis timeout outlasts the pauses below."""
+    client = connect(redis_url, 5.0)
+    guardrails = Guardrails.from_file(guardrails_file)
+    keys = KeyStore(client, guardrails.profile(None).name)
+    yield AdmissionControl(keys, client, load_catalog(models_file), guardrails, 900, 3600)
+    await client.aclose()
+
+
+async def test_an_admission_whose_caller_was_cut_is_settled_as_cancelled(
+    admission: AdmissionControl, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """A caller cut while Redis decides (its deadline, its client gone) never learns of its
+    admission: it is settled at once, not left holding the tenant's concurrency and budget
+    until it expires into a worst-case charge."""
+    request = admit_request(test_keys.acme)
+    with writes_paused(redis_db):
+        cut = asyncio.create_task(admission.admit_call(request))
+        await held_decisions(redis_db, 1)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+    await admission.drain()
+    assert not redis_db.hexists("strata:{t:acme}:reservations", request.request_id)
+    assert not redis_db.zscore("strata:{t:acme}:pending", request.request_id)
+    assert int(redis_db.hget("strata:{t:acme}:reserved", "tenant") or 0) == 0
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["outcome_cancelled"], usage.get("spent", 0)) == (1, 1, 0)
+
+
+async def test_a_cut_admission_given_to_a_retry_is_left_to_the_retry(
+    admission: AdmissionControl, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """The same request id admitted again before the cut call's settlement (a retry) is
+    given the same admission: the retry settles it, with what it used, and is charged."""
+    request = admit_request(test_keys.acme)
+    with writes_paused(redis_db):
+        cut = asyncio.create_task(admission.admit_call(request))
+        await held_decisions(redis_db, 1)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        retry = asyncio.create_task(admission.admit_call(request))
+        await held_decisions(redis_db, 2)
+    admitted = await retry
+    await admission.drain()
+    assert (admitted.replayed, admitted.number) == (True, 1)
+    assert redis_db.hexists("strata:{t:acme}:reservations", request.request_id)
+    settle = control_pb2.SettleRequest(
+        request_id=request.request_id,
+        tenant_id="acme",
+        key_id=admitted.key.key_id,
+        team_id=admitted.key.team_id,
+        outcome=control_pb2.OUTCOME_SUCCESS,
+        model="mock-small",
+        usage=common_pb2.Usage(input_tokens=11, output_tokens=22),
+        cost=common_pb2.Cost(total_usd_micros=7),
+        admission=admitted.number,
+    )
+    assert await admission.settle(settle)
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["input_tokens"], usage["spent"]) == (1, 11, 7)
+    assert usage.get("outcome_cancelled", 0) == 0
+    assert not redis_db.hexists("strata:{t:acme}:reservations", request.request_id)
+
+
+async def test_admit_past_its_deadline_holds_no_reservation(
+    start_control: StartControl, tenants_file: Path, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """Through gRPC: the server cancels the Admit whose deadline passed while Redis decided;
+    what Redis then reserved is settled as cancelled."""
+    control = await start_control(tenants_file, redis_timeout_s=5.0)
+    request = admit_request(test_keys.acme)
+    with writes_paused(redis_db):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await control.stub.Admit(request, timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await held_decisions(redis_db, 1)
+        # The server's side of the deadline cancels the handler on this same loop.
+        await asyncio.sleep(0.3)
+    async with asyncio.timeout(5):
+        while usage_record(redis_db).get("outcome_cancelled", 0) < 1:
+            await asyncio.sleep(0.01)
+    assert not redis_db.hexists("strata:{t:acme}:reservations", request.request_id)

@@ -301,6 +301,8 @@ async def test_bad_input_is_refused_before_any_state_changes(
 async def test_deadline_passes_through_to_a_hanging_model(
     orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:
+    # Warm (channels open, the key known), so that the deadline passes at the model.
+    await stream(orchestrator, test_keys.acme, ask())
     error = await failure(orchestrator, test_keys.acme, ask(model="mock-hang"), timeout=0.5)
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await _settled(redis_db, "outcome_cancelled", 1)

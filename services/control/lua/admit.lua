@@ -25,6 +25,10 @@ local rid, key_id, team = ARGV[1], ARGV[2], ARGV[3]
 local held = redis.call('HGET', KEYS[3], rid)
 if held then
   local _, _, tokens, cost, _, admission = parse_reservation(held)
+  -- Another call holds the admission now: one whose caller was cut before it saw the
+  -- admission leaves its settlement to this one (settle.lua, ARGV 14).
+  settlement_marker(KEYS[18])
+  redis.call('HSET', KEYS[18], 'r' .. admission, 1)
   return {1, tokens, cost, 1, admission}
 end
 

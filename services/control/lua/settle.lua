@@ -10,7 +10,10 @@
 -- ARGV  1 request id  2 key id  3 team  4 day id  5 month id  6 input tokens
 --       7 output tokens  8 cost  9 outcome  10 cache hit (0/1)  11 model  12 marker lifetime
 --       13 admission (0: the one held, else the latest)
--- Returns {1} applied, {0} already settled, {-1, day, month} stale periods,
+--       14 1: its caller was cut before it saw the admission; settle it only if no other
+--          call was given it since (an admit of the same request id, replayed)
+-- Returns {1} applied, {0} already settled (or left to another call, ARGV 14),
+--         {-1, day, month} stale periods,
 --         {-2, key id, team} the reservation names another key or team: call again with them.
 
 if stale_periods(ARGV[4], ARGV[5]) then
@@ -34,6 +37,9 @@ if held then
 end
 if admission == 0 then
   admission = math.max(1, num(redis.call('HGET', KEYS[1], 'n')))
+end
+if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[1], 'r' .. admission) == 1 then
+  return {0}
 end
 if redis.call('HSETNX', KEYS[1], tostring(admission), 1) == 0 then
   return {0}
