@@ -352,7 +352,13 @@ class Generator:
             raise
         finally:
             await cancel_and_wait(keeper)
-        await self._idempotency.complete(tenant, request.request_id, digest, answer.build())
+        try:
+            await self._idempotency.complete(tenant, request.request_id, digest, answer.build())
+        except StrataError as err:
+            # The answer is whole (a stream's final chunk is sent): failing the call now
+            # would have its client run it again. The id stays claimed until its lease
+            # lapses; a repeat then runs the request again.
+            log.warning("answer of %s not kept for repeats (%s)", request.request_id, err.reason)
 
     async def tenant_of(self, api_key: str, deadline: Deadline) -> str:
         """The key's tenant: remembered for a few seconds, else asked of control."""

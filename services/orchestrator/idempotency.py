@@ -10,6 +10,13 @@
   one model call: the first takes a lock (a lease it renews), the others wait for it to end
   and then find the answer in the cache. When the first fails or its replica dies, the next
   one in takes over.
+
+One slow Redis answer is not an outage: a call waiting on another lets up to
+WAITING_FAILURES Redis calls in a row fail (each bounded by the Redis timeout) before it
+gives up, and a claim whose reply was lost (the command ran, its answer timed out) is found
+to be this call's own. Idempotency then fails closed (UNAVAILABLE/REDIS_UNAVAILABLE: the
+request cannot be run once only); single flight only saves model calls, so a call that cannot
+reach Redis for it just makes its own model call.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from google.protobuf import json_format
 from redis.commands.core import AsyncScript
 
 from services.common.calls import Deadline
-from services.common.errors import IdempotencyKeyReused, StrataError
+from services.common.errors import DependencyUnavailable, IdempotencyKeyReused, StrataError
 from services.common.redis_state import redis_errors
 from services.common.tasks import cancel_and_wait
 from strata.orchestrator.v1 import orchestrator_pb2
@@ -39,6 +46,8 @@ KEY_TTL_S = 24 * 3600
 LEASE_S = 10.0
 """A running claim not renewed for this long is free again (its owner died)."""
 POLL_S = (0.01, 0.25)
+WAITING_FAILURES = 3
+"""Redis calls in a row a claim or a wait may lose (timed out, cut) before it gives up."""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -90,14 +99,25 @@ class IdempotencyStore:
         key = self._key(tenant_id, request_id)
         lease = b"running:" + digest.encode() + b":" + uuid.uuid4().hex.encode()
         delay = POLL_S[0]
+        failures = 0
         while True:
-            with redis_errors():
-                claimed = await self._redis.set(key, lease, nx=True, px=self._lease_ms)
-                if claimed:
-                    return lease
-                stored: Any = await self._redis.get(key)
+            try:
+                with redis_errors():
+                    claimed = await self._redis.set(key, lease, nx=True, px=self._lease_ms)
+                    if claimed:
+                        return lease
+                    stored: Any = await self._redis.get(key)
+            except DependencyUnavailable:
+                failures += 1
+                if failures >= WAITING_FAILURES:
+                    raise
+                await asyncio.sleep(min(delay, deadline.remaining()))
+                continue
+            failures = 0
             if stored is None:
                 continue  # released or expired between the two calls: try to claim again
+            if stored == lease:
+                return lease  # this call's claim, whose reply an earlier try lost
             state, _, rest = stored.partition(b":")
             held_digest, _, body = rest.partition(b":")
             if held_digest.decode() != digest:
@@ -121,10 +141,16 @@ class IdempotencyStore:
         digest: str,
         response: orchestrator_pb2.GenerateResponse,
     ) -> None:
-        """Keeps the answer for repeats."""
+        """Keeps the answer for repeats (tried twice: writing it again is harmless)."""
         value = b"done:" + digest.encode() + b":" + response.SerializeToString()
-        with redis_errors():
-            await self._redis.set(self._key(tenant_id, request_id), value, ex=KEY_TTL_S)
+        for attempt in range(2):
+            try:
+                with redis_errors():
+                    await self._redis.set(self._key(tenant_id, request_id), value, ex=KEY_TTL_S)
+                return
+            except DependencyUnavailable:
+                if attempt:
+                    raise
 
     async def release(self, tenant_id: str, request_id: str, lease: bytes) -> None:
         """Gives the key back after a failure, so the client's retry runs again."""
@@ -149,11 +175,18 @@ class SingleFlight:
         self, tenant_id: str, exact_key: str, deadline: Deadline
     ) -> AsyncIterator[bool]:
         """Yields True when this call leads (makes the model call), False when another call
-        led and has now finished (look in the cache again). Waits at most the deadline."""
+        led and has now finished (look in the cache again). Waits at most the deadline.
+        Without Redis, every call leads."""
         key = f"strata:flight:{{t:{tenant_id}}}:{exact_key}"
         token = uuid.uuid4().hex.encode()
-        with redis_errors():
-            leads = await self._redis.set(key, token, nx=True, px=self._lease_ms)
+        try:
+            with redis_errors():
+                leads = await self._redis.set(key, token, nx=True, px=self._lease_ms)
+        except DependencyUnavailable as err:
+            # The command may have run: lead as though it had (the lease is renewed and
+            # released only while it is this call's).
+            log.warning("single flight without Redis (%s): this call makes its own", err.reason)
+            leads = True
         if leads:
             # A lease, renewed while the leader runs: when its replica dies, waiters go on
             # within the lease instead of waiting out the leader's deadline.
@@ -169,11 +202,19 @@ class SingleFlight:
                     log.warning("could not end a single flight (%s); it expires", err.reason)
             return
         delay = POLL_S[0]
+        failures = 0
         while True:
-            with redis_errors():
-                held = await self._redis.exists(key)
-            if not held:
-                break
+            try:
+                with redis_errors():
+                    held = await self._redis.exists(key)
+            except DependencyUnavailable:
+                failures += 1
+                if failures >= WAITING_FAILURES:
+                    break  # the cache may have the answer by now; else this call runs
+            else:
+                if not held:
+                    break
+                failures = 0
             await asyncio.sleep(min(delay, deadline.remaining()))
             delay = min(delay * 2, POLL_S[1])
         yield False

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections import Counter
 from typing import Any
+from urllib.parse import urlparse
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.faultproxy import Fault, FaultProxy
 from tests.grpc.conftest import Served, StartOrchestrator
 from tests.helpers import RichError, bearer, eventually, reserved, rich_error, usage_record, user
 
@@ -187,6 +189,36 @@ async def test_a_cancelled_stream_releases_its_id(
     reply = await generate(orchestrator, test_keys.acme, request)
     assert reply.text.startswith(" slow0 slow1")
     assert len(upstream.calls(marker)) == 2
+
+
+async def test_an_answer_that_cannot_be_kept_for_repeats_still_ends_its_stream(
+    start_orchestrator: StartOrchestrator, test_keys: ApiKeys, redis_url: str, redis_db: redis.Redis
+) -> None:
+    """Redis stops answering the orchestrator after the id was claimed: the answer is not
+    kept for repeats, but the stream still ends with its final chunk and OK, never with an
+    error after it (its client would run the request again)."""
+    target = urlparse(redis_url)
+    assert target.hostname and target.port
+    with FaultProxy(target.hostname, target.port) as proxy:
+        orchestrator = await start_orchestrator(
+            knowledge_enabled=False, redis_url=f"redis://127.0.0.1:{proxy.port}{target.path}"
+        )
+        request = marked(uuid.uuid4().hex, model="up-slow-start")  # 2 s to its first chunk
+        stream = orchestrator.stub.StreamGenerate(
+            as_stream(request), metadata=bearer(test_keys.acme), timeout=10
+        )
+
+        async def chunks() -> list[Any]:
+            return [chunk async for chunk in stream]
+
+        received = asyncio.create_task(chunks())
+        await eventually(lambda: redis_db.exists(f"strata:idem:{{t:acme}}:{request.request_id}"))
+        proxy.set_fault(Fault.BLACKHOLE)
+        answer = await received
+        assert answer[-1].HasField("final")
+        assert await stream.code() == grpc.StatusCode.OK
+        kept: Any = redis_db.get(f"strata:idem:{{t:acme}}:{request.request_id}")
+        assert kept.startswith(b"running:")
 
 
 async def test_identical_requests_share_one_model_call_across_replicas(
