@@ -297,6 +297,17 @@ async def admission(
     await client.aclose()
 
 
+async def cut_while_redis_decides(
+    admission: AdmissionControl, request: control_pb2.AdmitRequest, redis_db: redis.Redis
+) -> None:
+    """Admits `request` (writes paused) and cancels the call while Redis holds its script."""
+    cut = asyncio.create_task(admission.admit_call(request))
+    await held_decisions(redis_db, 1)
+    cut.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cut
+
+
 async def test_an_admission_whose_caller_was_cut_is_settled_as_cancelled(
     admission: AdmissionControl, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:
@@ -305,11 +316,7 @@ async def test_an_admission_whose_caller_was_cut_is_settled_as_cancelled(
     until it expires into a worst-case charge."""
     request = admit_request(test_keys.acme)
     with writes_paused(redis_db):
-        cut = asyncio.create_task(admission.admit_call(request))
-        await held_decisions(redis_db, 1)
-        cut.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await cut
+        await cut_while_redis_decides(admission, request, redis_db)
     await admission.drain()
     assert not redis_db.hexists("strata:{t:acme}:reservations", request.request_id)
     assert not redis_db.zscore("strata:{t:acme}:pending", request.request_id)
@@ -325,11 +332,7 @@ async def test_a_cut_admission_given_to_a_retry_is_left_to_the_retry(
     given the same admission: the retry settles it, with what it used, and is charged."""
     request = admit_request(test_keys.acme)
     with writes_paused(redis_db):
-        cut = asyncio.create_task(admission.admit_call(request))
-        await held_decisions(redis_db, 1)
-        cut.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await cut
+        await cut_while_redis_decides(admission, request, redis_db)
         retry = asyncio.create_task(admission.admit_call(request))
         await held_decisions(redis_db, 2)
     admitted = await retry
