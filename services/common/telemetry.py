@@ -161,6 +161,11 @@ def _instruments(meter: metrics.Meter) -> Instruments:
         ),
         (semconv.METRIC_JOB_QUEUE_DEPTH, "{job}", "Jobs queued or running, not yet acknowledged."),
         (semconv.METRIC_JOB_QUEUE_AGE, "s", "Age of the oldest job not yet acknowledged."),
+        (
+            semconv.METRIC_SETTLEMENTS_KEPT,
+            "{settlement}",
+            "Settlements control did not take yet, kept to be sent again.",
+        ),
     ):
         meter.create_observable_gauge(
             name, callbacks=[_observe(made, name)], unit=unit, description=description

@@ -242,6 +242,7 @@ async def build(settings: OrchestratorSettings) -> Service:
             await cancel_and_wait(task)
         await generator.aclose()
         await embeddings.aclose()
+        await control.aclose()  # after the settlements above: it sends those it kept
         if knowledge is not None:
             await knowledge.aclose()
         if embedder is not None:

@@ -7,14 +7,18 @@ failure becomes the StrataError to raise, with the downstream reason unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
 
+from services.common import semconv, telemetry
 from services.common.calls import Deadline, request_metadata
 from services.common.errors import from_rpc_error
+from services.common.tasks import cancel_and_wait
 from strata.cache.v1 import cache_pb2, cache_pb2_grpc
 from strata.control.v1 import control_pb2, control_pb2_grpc
 from strata.executor.v1 import executor_pb2, executor_pb2_grpc
@@ -28,6 +32,21 @@ HASHED = "sha256:"
 of the key that queued them without holding it. The public edge refuses this form."""
 SETTLE_ATTEMPTS = 3
 """Settle is idempotent by request id, so an UNAVAILABLE answer is safely tried again."""
+KEEP_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+"""Control did not take a settlement for now (down, stalled, overloaded): it is kept."""
+MAX_KEPT = 100_000
+RESEND_S = (0.5, 30.0)
+"""First and longest wait before kept settlements are sent again (doubling in between)."""
+FLUSH_S = 5.0
+"""At shutdown, the longest last try to send the settlements still kept."""
+
+log = logging.getLogger(__name__)
 
 
 async def _unary(dependency: str, call: Awaitable[_Resp]) -> _Resp:
@@ -38,7 +57,13 @@ async def _unary(dependency: str, call: Awaitable[_Resp]) -> _Resp:
 
 
 class ControlClient:
-    """Admission and settlement."""
+    """Admission and settlement.
+
+    A settlement control cannot take now (down, restarting, stalled, overloaded) is kept in
+    memory and sent again in the background, in order, until control takes it: left alone,
+    its reservation would hold the tenant's limits and then expire into a worst-case charge.
+    At most MAX_KEPT are kept (`strata.settlements.kept`); those still kept when the process
+    stops, after a last try of FLUSH_S, are lost (logged) and their reservations expire."""
 
     def __init__(
         self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float
@@ -46,6 +71,8 @@ class ControlClient:
         self._stub = control_pb2_grpc.ControlServiceStub(channel)
         self._admit_timeout_s = admit_timeout_s
         self._settle_timeout_s = settle_timeout_s
+        self._kept: deque[control_pb2.SettleRequest] = deque()
+        self._resending: asyncio.Task[None] | None = None
 
     async def admit(
         self, request: control_pb2.AdmitRequest, deadline: Deadline
@@ -75,19 +102,98 @@ class ControlClient:
             ),
         )
 
-    async def settle(self, request: control_pb2.SettleRequest) -> control_pb2.SettleResponse:
-        """Settles, trying again on UNAVAILABLE; runs after the client's deadline if need be."""
-        metadata = request_metadata(request.request_id)
+    async def settle(self, request: control_pb2.SettleRequest) -> bool:
+        """Settles, trying again at once on UNAVAILABLE; runs after the client's deadline if
+        need be. False: control could not take it now, it is kept and sent again later.
+        Raises the StrataError of a settlement control refused."""
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                return await self._stub.Settle(
-                    request, timeout=self._settle_timeout_s, metadata=metadata
-                )
+                await self._send(request)
+                return True
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == SETTLE_ATTEMPTS - 1:
+                if err.code() not in KEEP_CODES:
                     raise from_rpc_error(err, "control") from None
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == SETTLE_ATTEMPTS - 1:
+                    self._keep(request, err.code())
+                    return False
                 await asyncio.sleep(0.05 * 4**attempt)
         raise AssertionError("unreachable")
+
+    async def _send(self, request: control_pb2.SettleRequest, kept: bool = False) -> None:
+        # A kept one waits (within the timeout) for the channel to connect again.
+        await self._stub.Settle(
+            request,
+            timeout=self._settle_timeout_s,
+            metadata=request_metadata(request.request_id),
+            wait_for_ready=kept,
+        )
+
+    def _keep(self, request: control_pb2.SettleRequest, code: grpc.StatusCode) -> None:
+        if len(self._kept) >= MAX_KEPT:
+            log.error(
+                "settlement of %s dropped (%s, %d kept already): its reservation will expire",
+                request.request_id,
+                code.name,
+                len(self._kept),
+            )
+            return
+        if not self._kept:
+            log.warning("control does not take settlements (%s): kept, sent again", code.name)
+        self._kept.append(request)
+        self._count_kept()
+        if self._resending is None or self._resending.done():
+            self._resending = asyncio.create_task(self._resend(), name="kept settlements")
+
+    def _count_kept(self) -> None:
+        made = telemetry.instruments("orchestrator")
+        made.gauge(semconv.METRIC_SETTLEMENTS_KEPT, float(len(self._kept)))
+
+    async def _resend(self) -> None:
+        delay = RESEND_S[0]
+        while self._kept:
+            await asyncio.sleep(delay)
+            delay = RESEND_S[0] if await self._send_kept() else min(delay * 2, RESEND_S[1])
+
+    async def _send_kept(self) -> bool:
+        """Sends the kept settlements in order; False when control still does not take
+        them (the rest stay kept)."""
+        sent = 0
+        try:
+            while self._kept:
+                request = self._kept[0]
+                try:
+                    await self._send(request, kept=True)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in KEEP_CODES:
+                        return False
+                    log.error(
+                        "kept settlement of %s refused (%s): its reservation will expire",
+                        request.request_id,
+                        from_rpc_error(err, "control").reason,
+                    )
+                self._kept.popleft()
+                sent += 1
+            log.warning("control takes settlements again: %d kept ones sent", sent)
+            return True
+        finally:
+            self._count_kept()
+
+    async def aclose(self) -> None:
+        """A last try (at most FLUSH_S) for the settlements still kept; the rest are lost."""
+        if self._resending is not None:
+            await cancel_and_wait(self._resending)
+        if not self._kept:
+            return
+        try:
+            async with asyncio.timeout(FLUSH_S):
+                await self._send_kept()
+        except TimeoutError:
+            pass
+        if self._kept:
+            log.error(
+                "%d kept settlements lost at shutdown: their reservations will expire",
+                len(self._kept),
+            )
 
 
 class CacheClient:

@@ -129,7 +129,7 @@ class Embeddings:
         try:
             await self._control.settle(request)
         except StrataError as err:
-            log.error("settlement failed (%s); the reservation will expire instead", err.reason)
+            log.error("settlement refused (%s); the reservation will expire instead", err.reason)
 
     async def aclose(self) -> None:
         """Waits for background settlements to finish."""

@@ -921,7 +921,7 @@ class Generator:
                     )
                 )
         except StrataError as err:
-            log.error("settlement failed (%s); the reservation will expire instead", err.reason)
+            log.error("settlement refused (%s); the reservation will expire instead", err.reason)
         call.clock.lap("settlement")
         self._account(call, tally, usage, cost)
         if self._records is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,11 +14,13 @@ import redis
 
 from services.common.chat import assemble_tool_calls
 from services.executor import tokens
+from services.orchestrator import clients
 from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2, admin_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2
+from strata_cli.devstack import free_port
 from tests.conftest import ApiKeys
-from tests.grpc.conftest import ADMIN_TOKEN, Served
+from tests.grpc.conftest import ADMIN_TOKEN, Served, StartControl, StartOrchestrator
 from tests.helpers import (
     bearer,
     eventually,
@@ -306,6 +309,45 @@ async def test_deadline_passes_through_to_a_hanging_model(
     error = await failure(orchestrator, test_keys.acme, ask(model="mock-hang"), timeout=0.5)
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await _settled(redis_db, "outcome_cancelled", 1)
+
+
+@pytest.mark.parametrize("then", ["runs", "stops"])
+async def test_a_settlement_control_cannot_take_is_sent_once_it_is_back(
+    start_control: StartControl,
+    start_orchestrator: StartOrchestrator,
+    tenants_file: Path,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    then: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Control goes away while a request runs (a restart): its settlement is kept and sent
+    when control is back, by the orchestrator running on or on its way out, instead of its
+    reservation expiring into a worst-case charge."""
+    if then == "stops":
+        monkeypatch.setattr(clients, "RESEND_S", (60.0, 60.0))  # only the last try sends
+    port = free_port()
+    first = await start_control(tenants_file, port=port)
+    orchestrator = await start_orchestrator(
+        control_address=f"127.0.0.1:{port}", knowledge_enabled=False
+    )
+    running = asyncio.create_task(
+        stream(orchestrator, test_keys.acme, ask(model="up-slow-start"))  # 2 s to answer
+    )
+    await eventually(lambda: reserved(redis_db) == 1)
+    await first.server.stop(0)
+    chunks = await running
+    assert chunks[-1].final.finish_reason == common_pb2.FINISH_REASON_STOP
+    await asyncio.sleep(0.3)  # its settlement found no control
+    assert reserved(redis_db) == 1
+    await start_control(tenants_file, port=port)
+    if then == "stops":
+        await orchestrator.server.stop(5)
+        assert reserved(redis_db) == 0
+    else:
+        await eventually(lambda: reserved(redis_db) == 0, timeout_s=20)
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["outcome_success"]) == (1, 1)
 
 
 async def test_a_failing_cache_is_a_miss_not_an_error(
