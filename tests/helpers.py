@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,24 @@ def wait_until_nothing_reserved(
     """Until every request the tenant was admitted for is settled (settlements land after
     the replies)."""
     wait_until(lambda: reserved(client, tenant) == 0, timeout_s)
+
+
+@contextlib.contextmanager
+def writes_paused(redis_db: redis.Redis) -> Iterator[None]:
+    """Redis holds every write (scripts included) until the block ends; reads go on."""
+    redis_db.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    try:
+        yield
+    finally:
+        redis_db.execute_command("CLIENT", "UNPAUSE")
+
+
+async def held_decisions(redis_db: redis.Redis, count: int) -> None:
+    """Waits until `count` connections have a script held by the pause."""
+    async with asyncio.timeout(5):
+        while True:
+            clients = redis_db.client_list()
+            held = [c for c in clients if "b" in c["flags"] and c["cmd"] == "evalsha"]
+            if len(held) >= count:
+                return
+            await asyncio.sleep(0.01)

@@ -8,7 +8,7 @@ model's share `{m:<model>}`; each script touches one slot only.
     strata:{t:T}:reservations           hash request id -> key|team|tokens|cost|model
     strata:{t:T}:reserved               hash holder -> money reserved by running requests
     strata:{t:T}:expired                hash request id -> cost charged when it expired
-    strata:{t:T}:settled:<request>      hash: admissions, which are settled, counted (idempotency)
+    strata:{t:T}:settled:<request>      hash: admissions, which are settled or replayed, counted
     strata:{t:T}:rl:<key|tenant>:<id>:<req|tok>     GCRA state
     strata:{t:T}:usage:<holder>:<total|d<day>|m<yyyymm>>   spent, tokens, requests, ...
     strata:{t:T}:guardrails             stream of guardrail findings, by request
@@ -343,13 +343,16 @@ class AdmissionControl:
             admission = await admitting
         except StrataError:
             return  # refused: nothing is held
-        if admission.number == 0 or admission.replayed:
-            # Admitted by this process while Redis did not answer (nothing is held), or the
-            # admission of another call of the request id, which settles it.
-            return
-        key = admission.key
+        if admission.number == 0:
+            return  # admitted by this process while Redis did not answer: nothing is held
         probes = [self._catalog.models[name] for name, probe in admission.plan if probe]
+        key = admission.key
         try:
+            if admission.replayed:
+                # The admission of another call of the request id, which settles it; the
+                # breaker probes this call took are its own.
+                await self._release_probes(probes)
+                return
             await self._apply_settlement(
                 request_id,
                 key.tenant_id,

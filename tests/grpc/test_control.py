@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served, StartControl
-from tests.helpers import rich_error, state_snapshot, usage_record
+from tests.helpers import held_decisions, rich_error, state_snapshot, usage_record, writes_paused
 
 
 def admit_request(key: str, tokens_in: int = 10, tokens_out: int = 20, **kw: Any):
@@ -261,27 +260,6 @@ async def test_a_decision_asks_redis_no_script_exists(
         admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
         await control.stub.Settle(settle_request(admitted, request_id, 1, 1))
     assert script_calls() == before
-
-
-@contextlib.contextmanager
-def writes_paused(redis_db: redis.Redis) -> Iterator[None]:
-    """Redis holds every write (scripts included) until the block ends; reads go on."""
-    redis_db.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-    try:
-        yield
-    finally:
-        redis_db.execute_command("CLIENT", "UNPAUSE")
-
-
-async def held_decisions(redis_db: redis.Redis, count: int) -> None:
-    """Waits until `count` connections have a script held by the pause."""
-    async with asyncio.timeout(5):
-        while True:
-            clients = redis_db.client_list()
-            held = [c for c in clients if "b" in c["flags"] and c["cmd"] == "evalsha"]
-            if len(held) >= count:
-                return
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

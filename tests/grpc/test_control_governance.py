@@ -31,10 +31,12 @@ from tests.helpers import (
     RichError,
     bearer,
     eventually,
+    held_decisions,
     rich_error,
     state_snapshot,
     usage_record,
     user,
+    writes_paused,
 )
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -738,6 +740,30 @@ async def test_a_refused_request_does_not_take_the_probe_of_a_half_open_breaker(
 
     reply = await served.stub.Admit(admit_request(keys["free"], "gov-flaky"))
     assert [(c.model, c.probe) for c in reply.plan] == [("gov-flaky", True)]
+
+
+async def test_a_probe_taken_by_an_admit_cut_while_redis_decided_is_given_back(
+    govern: Govern, gov_models: Path, redis_db: redis.Redis
+) -> None:
+    served, keys = await govern({"acme": {"keys": [{"id": "k1"}]}}, redis_timeout_s=5.0)
+    await admitted_and_settled(served, keys["k1"], "gov-flaky", [failed("gov-flaky")])
+    await asyncio.sleep(model(gov_models, "gov-flaky").breaker.cooldown_s + 0.1)
+    with writes_paused(redis_db):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await served.stub.Admit(admit_request(keys["k1"], "gov-flaky"), timeout=0.3)
+        await held_decisions(redis_db, 1)
+        await asyncio.sleep(0.3)  # the server's side of the deadline cancels the handler
+    # The cut call took the probe, then it was settled and the probe given back (else
+    # nobody could try the model for its probe timeout, 30 s).
+
+    async def probes() -> bool:
+        try:
+            reply = await served.stub.Admit(admit_request(keys["k1"], "gov-flaky"))
+        except grpc.aio.AioRpcError:
+            return False
+        return [(c.model, c.probe) for c in reply.plan] == [("gov-flaky", True)]
+
+    await eventually(probes, timeout_s=5)
 
 
 async def test_a_request_refused_as_unavailable_can_be_retried_and_settled(

@@ -61,8 +61,9 @@ end
 
 -- The settlement marker of a request id is a hash: 'n' counts its admissions (a request id
 -- settled and then admitted again, as a retry after a failure, gets the next number), one
--- field per settled admission, and 'counted' once the request was counted (once, however
--- many admissions it took). A marker written as a plain string settled admission 1.
+-- field per settled admission, 'r<admission>' once an admit of the request id was given an
+-- admission it already held (replayed), and 'counted' once the request was counted (once,
+-- however many admissions it took). A marker written as a plain string settled admission 1.
 local function settlement_marker(key)
   if redis.call('TYPE', key).ok == 'string' then
     local ttl = redis.call('PTTL', key)
