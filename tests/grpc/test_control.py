@@ -23,7 +23,14 @@ from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served, StartControl
-from tests.helpers import held_decisions, rich_error, state_snapshot, usage_record, writes_paused
+from tests.helpers import (
+    eventually,
+    held_decisions,
+    rich_error,
+    state_snapshot,
+    usage_record,
+    writes_paused,
+)
 
 
 def admit_request(key: str, tokens_in: int = 10, tokens_out: int = 20, **kw: Any):
@@ -349,7 +356,5 @@ async def test_admit_past_its_deadline_holds_no_reservation(
         await held_decisions(redis_db, 1)
         # The server's side of the deadline cancels the handler on this same loop.
         await asyncio.sleep(0.3)
-    async with asyncio.timeout(5):
-        while usage_record(redis_db).get("outcome_cancelled", 0) < 1:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: usage_record(redis_db).get("outcome_cancelled", 0) == 1)
     assert not redis_db.hexists("strata:{t:acme}:reservations", request.request_id)
