@@ -28,6 +28,7 @@ replica within moments. The tenants file (YAML) seeds keys, limits and budgets a
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -236,7 +237,12 @@ def _valid(record: KeyRecord | None) -> KeyRecord:
 
 
 class KeyStore:
-    """Key records in Redis, cached per process and invalidated by pub/sub."""
+    """Key records in Redis, cached per process and invalidated by pub/sub.
+
+    Concurrent requests of a key not cached share one read (a burst of a new key on a fresh
+    replica is one Redis call, not one per request). A read overtaken by a change of any key
+    (announced, or written here) serves its callers but is not cached: it may hold the
+    record from before the change, a revocation for instance."""
 
     def __init__(self, client: redis.Redis, default_profile: str) -> None:
         self._redis = client
@@ -247,6 +253,10 @@ class KeyStore:
         """Records read before this are read again (announcements were lost meanwhile); they
         still serve `last_known` while Redis does not answer."""
         self._listener: asyncio.Task[None] | None = None
+        self._reading: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        """Reads under way, by digest."""
+        self._changes = 0
+        """Changes seen so far (announced or written here)."""
 
     async def authenticate(self, presented: str) -> KeyRecord:
         """The record of a presented key; ApiKeyInvalid when unknown, revoked or malformed."""
@@ -259,13 +269,32 @@ class KeyStore:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and self._fresh(cached, now):
-            record = cached[0]
-        else:
-            record = await self._load(digest)
+            return _valid(cached[0])
+        reading = self._reading.get(digest)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(digest))
+            self._reading[digest] = reading
+            reading.add_done_callback(functools.partial(self._read_done, digest))
+        return _valid(await asyncio.shield(reading))
+
+    async def _read(self, digest: str) -> KeyRecord | None:
+        changes, began = self._changes, time.monotonic()
+        record = await self._load(digest)
+        if changes == self._changes:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[digest] = (record, now)
-        return _valid(record)
+            self._cache[digest] = (record, began)
+        return record
+
+    def _read_done(self, digest: str, reading: asyncio.Future[KeyRecord | None]) -> None:
+        if self._reading.get(digest) is reading:
+            del self._reading[digest]
+        if not reading.cancelled():
+            reading.exception()  # its callers have it (or all of them were cancelled)
+
+    def _changed(self, digest: str) -> None:
+        self._changes += 1
+        self._cache.pop(digest, None)
 
     def _fresh(self, cached: tuple[KeyRecord | None, float], now: float) -> bool:
         record, read_at = cached
@@ -334,7 +363,7 @@ class KeyStore:
             pipe.publish(EVENTS_CHANNEL, digest)
             with redis_errors():
                 await pipe.execute()
-        self._cache.pop(digest, None)
+        self._changed(digest)
 
     async def listen(self) -> None:
         """Drops cached records as changes are announced (runs until cancelled)."""
@@ -346,13 +375,14 @@ class KeyStore:
                     async for message in pubsub.listen():
                         data = message.get("data")
                         if isinstance(data, bytes):
-                            self._cache.pop(data.decode(), None)
+                            self._changed(data.decode())
                 finally:
                     await pubsub.aclose()
             except (redis.RedisError, OSError) as err:
                 # Without announcements the cache still expires within CACHE_S.
                 log.warning("key change announcements lost (%s); retrying", err)
                 self._fresh_since = time.monotonic()
+                self._changes += 1
                 await asyncio.sleep(1.0)
 
     def start(self) -> None:
