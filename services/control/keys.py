@@ -241,8 +241,9 @@ class KeyStore:
 
     Concurrent requests of a key not cached share one read (a burst of a new key on a fresh
     replica is one Redis call, not one per request). A read overtaken by a change of any key
-    (announced, or written here) serves its callers but is not cached: it may hold the
-    record from before the change, a revocation for instance."""
+    (announced, or written here) may hold the record from before the change, a revocation
+    for instance: it serves the callers that came before the change, and is not cached;
+    later callers read again."""
 
     def __init__(self, client: redis.Redis, default_profile: str) -> None:
         self._redis = client
@@ -253,8 +254,8 @@ class KeyStore:
         """Records read before this are read again (announcements were lost meanwhile); they
         still serve `last_known` while Redis does not answer."""
         self._listener: asyncio.Task[None] | None = None
-        self._reading: dict[str, asyncio.Future[KeyRecord | None]] = {}
-        """Reads under way, by digest."""
+        self._reading: dict[str, tuple[asyncio.Future[KeyRecord | None], int]] = {}
+        """Reads under way, by digest, with the changes seen when each began."""
         self._changes = 0
         """Changes seen so far (announced or written here)."""
 
@@ -270,10 +271,12 @@ class KeyStore:
         cached = self._cache.get(digest)
         if cached is not None and self._fresh(cached, now):
             return _valid(cached[0])
-        reading = self._reading.get(digest)
-        if reading is None:
+        under_way = self._reading.get(digest)
+        if under_way is not None and under_way[1] == self._changes:
+            reading = under_way[0]
+        else:  # none, or one that began before a change: it may hold the old record
             reading = asyncio.ensure_future(self._read(digest))
-            self._reading[digest] = reading
+            self._reading[digest] = (reading, self._changes)
             reading.add_done_callback(functools.partial(self._read_done, digest))
         return _valid(await asyncio.shield(reading))
 
@@ -287,7 +290,8 @@ class KeyStore:
         return record
 
     def _read_done(self, digest: str, reading: asyncio.Future[KeyRecord | None]) -> None:
-        if self._reading.get(digest) is reading:
+        under_way = self._reading.get(digest)
+        if under_way is not None and under_way[0] is reading:
             del self._reading[digest]
         if not reading.cancelled():
             reading.exception()  # its callers have it (or all of them were cancelled)

@@ -56,7 +56,8 @@ async def test_a_read_overtaken_by_a_revocation_is_not_cached(
     store: KeyStore, redis_url: str, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read began before the key was revoked on another replica and ended after the
-    announcement: its caller may pass, the next request must not."""
+    announcement: its caller may pass; a request that came after the announcement, or
+    after the read, must not."""
     key, digest = new_key()
     marker, marker_digest = new_key()  # a key whose announcement comes right after
     other = connect(redis_url, 2.0)
@@ -86,8 +87,11 @@ async def test_a_read_overtaken_by_a_revocation_is_not_cached(
     async with asyncio.timeout(5):
         while store.known(marker_digest):  # announcements are handled in order
             await asyncio.sleep(0.01)
+    late = asyncio.create_task(store.authenticate(key))  # after it: does not share the read
     revoked.set()
     assert (await racing).key_id == "k1"  # read before the revocation
+    with pytest.raises(ApiKeyInvalid):
+        await late
     monkeypatch.setattr(store, "_load", load)
     with pytest.raises(ApiKeyInvalid):
         await store.authenticate(key)
