@@ -7,6 +7,7 @@ failure becomes the StrataError to raise, with the downstream reason unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import deque
@@ -63,7 +64,7 @@ class ControlClient:
     memory and sent again in the background, in order, until control takes it: left alone,
     its reservation would hold the tenant's limits and then expire into a worst-case charge.
     At most MAX_KEPT are kept (`strata.settlements.kept`); those still kept when the process
-    stops, after a last try of FLUSH_S, are lost (logged) and their reservations expire."""
+    stops, after trying for FLUSH_S more, are lost (logged) and their reservations expire."""
 
     def __init__(
         self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float
@@ -179,16 +180,16 @@ class ControlClient:
             self._count_kept()
 
     async def aclose(self) -> None:
-        """A last try (at most FLUSH_S) for the settlements still kept; the rest are lost."""
+        """Last tries (for at most FLUSH_S) for the settlements still kept; the rest are lost."""
         if self._resending is not None:
             await cancel_and_wait(self._resending)
         if not self._kept:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FLUSH_S):
-                await self._send_kept()
-        except TimeoutError:
-            pass
+                while self._kept:
+                    if not await self._send_kept():
+                        await asyncio.sleep(0.1)  # the channel may be between tries
         if self._kept:
             log.error(
                 "%d kept settlements lost at shutdown: their reservations will expire",
