@@ -288,10 +288,7 @@ class AnswerCache:
         count, total = (int(n) for n in held[0])
         self._stats.count(tenant, "stores")
 
-        # An answer made with reuse by meaning turned off is kept for exact reuse only: no
-        # embedding on the request's path (an exact-only route pays for no model).
-        semantic = self._policy.semantic_enabled and not scope.semantic.disabled
-        turn = last_user_turn(messages) if semantic else None
+        turn = self._semantic_turn(request)
         if turn is not None:
             query = guards.normalize(messages[turn].content)
             try:
@@ -319,6 +316,14 @@ class AnswerCache:
             await self._enforce_caps(tenant)
         return digest
 
+    def _semantic_turn(self, request: cache_pb2.StoreRequest) -> int | None:
+        """The turn whose meaning indexes the answer; None when it is kept for exact reuse
+        only. An answer made with reuse by meaning turned off is embedded nowhere (an
+        exact-only route pays for no model)."""
+        if not self._policy.semantic_enabled or request.scope.semantic.disabled:
+            return None
+        return last_user_turn(request.messages)
+
     async def store_batch(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
         """Stores many answers; their questions are embedded in batches first."""
         if not 1 <= len(requests) <= MAX_BATCH:
@@ -327,14 +332,14 @@ class AnswerCache:
             check_store(request, f"entries[{i}].")
         queries = []
         for request in requests:
-            turn = last_user_turn(request.messages)
+            turn = self._semantic_turn(request)
             if turn is not None:
                 queries.append(guards.normalize(request.messages[turn].content))
         missing = [q for q in dict.fromkeys(queries) if q not in self._vectors]
         if missing:
             for query, vector in zip(missing, await self._embedder.embed(missing), strict=True):
                 self._remember(query, vector)
-        return [await self.store(request) for request in requests]
+        return list(await asyncio.gather(*(self.store(request) for request in requests)))
 
     async def _enforce_caps(self, tenant: str) -> None:
         """Evicts the tenant's oldest entries while it is over its entry or byte cap."""

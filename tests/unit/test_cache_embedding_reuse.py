@@ -119,3 +119,20 @@ async def test_lookups_of_one_question_at_once_share_its_embedding(
     for found in await asyncio.gather(*calls):
         assert found.match == common_pb2.CACHE_MATCH_UNSPECIFIED  # (nothing stored yet)
     assert len(gated.texts) == 1
+
+
+async def test_a_batch_embeds_only_the_answers_kept_for_reuse_by_meaning(
+    answers: AnswerCache, gated: GatedEmbedder
+) -> None:
+    gated.open.set()
+    exact_only = store("What are your opening hours?")
+    exact_only.scope.semantic.disabled = True
+    entries = [store("How do I reset my password?"), exact_only]
+    stored = await answers.store_batch(entries)
+    assert gated.texts == ["How do I reset my password?"]  # the opted-out one is not embedded
+    assert len(set(stored)) == 2
+    for entry in entries:
+        found = await answers.lookup(
+            cache_pb2.LookupRequest(scope=entry.scope, messages=entry.messages)
+        )
+        assert found.match == common_pb2.CACHE_MATCH_EXACT
