@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from services.common.coalesce import Coalescer
 from strata.common.v1 import common_pb2
 from strata_cli.devstack import LocalStack
 
@@ -178,3 +180,18 @@ async def held_decisions(redis_db: redis.Redis, count: int) -> None:
             if len(held) >= count:
                 return
             await asyncio.sleep(0.01)
+
+
+def handed_over(monkeypatch: pytest.MonkeyPatch, kind: type) -> list[Any]:
+    """The requests of type `kind` handed to any `Coalescer` from now on (in order): a
+    test waits for them to pile up before it lets the call on its way return."""
+    handed: list[Any] = []
+    submit = Coalescer.submit
+
+    async def counted(self: Coalescer[Any, Any], item: Any) -> Any:
+        if isinstance(item[0], kind):
+            handed.append(item[0])
+        return await submit(self, item)
+
+    monkeypatch.setattr(Coalescer, "submit", counted)
+    return handed

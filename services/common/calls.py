@@ -6,8 +6,8 @@ internal token over mutual TLS (`security.Trust`).
 
 A call that fails with UNAVAILABLE is retried by gRPC (at most 3 attempts, 50 ms backoff
 doubling to 500 ms, within the call's deadline) only for the methods in `IDEMPOTENT`:
-reads, and Admit/Settle, which are idempotent by request id. Everything else, and above all
-a stream of generated text (StreamComplete), is never retried by the channel.
+reads, and Admit/Settle/SettleBatch, which are idempotent by request id. Everything else,
+and above all a stream of generated text (StreamComplete), is never retried by the channel.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ would be charged again by its rerun."""
 
 
 IDEMPOTENT: dict[str, tuple[str, ...]] = {
-    "strata.control.v1.ControlService": ("Admit", "Settle", "CheckOutput", "Authenticate"),
+    "strata.control.v1.ControlService": (
+        "Admit",
+        "Settle",
+        "SettleBatch",
+        "CheckOutput",
+        "Authenticate",
+    ),
     "strata.control.v1.ControlAdminService": ("ListApiKeys", "GetUsage", "ListBreakers"),
     "strata.cache.v1.CacheService": ("Lookup",),
     "strata.cache.v1.CacheAdminService": ("GetStats",),

@@ -405,6 +405,11 @@ def inject_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> list[
     return out
 
 
+def inject_context(carrier: dict[str, str], context: otel_context.Context) -> None:
+    """Writes `context`'s trace context (`traceparent`, `tracestate`) into `carrier`."""
+    _PROPAGATOR.inject(carrier, context)
+
+
 def extract_metadata(metadata: Sequence[tuple[str, Any]] | None) -> otel_context.Context:
     carrier = {k: v for k, v in (metadata or ()) if k in _CARRIED and isinstance(v, str)}
     return _PROPAGATOR.extract(carrier)

@@ -60,6 +60,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as redis
+from opentelemetry import trace
 from opentelemetry.metrics import Counter
 
 from services.common import semconv, telemetry
@@ -109,6 +110,8 @@ MAX_CANDIDATES = 32
 MAX_ATTEMPTS = 64
 """Attempts one settlement may report (retries and fallbacks of one request)."""
 MAX_COUNT = 2**53 - 1
+MAX_SETTLE_BATCH = 1000
+MAX_TRACEPARENT = 256
 """The largest token count or cost a settlement may report: Lua numbers are doubles."""
 _OUTCOMES = {
     control_pb2.OUTCOME_SUCCESS: "success",
@@ -647,6 +650,48 @@ class AdmissionControl:
 
         While Redis does not answer the settlement is kept and written later (False)."""
         _check_settle(request)
+        return await self._settle_checked(request)
+
+    async def settle_batch(self, entries: Sequence[control_pb2.SettleBatchEntry]) -> list[bool]:
+        """Settles each entry as `settle` would, all at once, each under a span of its own
+        request's trace (linked to the batch's); the batch is checked whole first."""
+        if not 1 <= len(entries) <= MAX_SETTLE_BATCH:
+            raise RequestInvalid.field("entries", f"1 to {MAX_SETTLE_BATCH} entries")
+        violations: list[FieldViolation] = []
+        for i, entry in enumerate(entries):
+            try:
+                _check_settle(entry.settlement)
+            except RequestInvalid as err:
+                prefix = f"entries[{i}].settlement."
+                for v in err.violations:
+                    violations.append(FieldViolation(prefix + v.field, v.description))
+            if len(entry.traceparent) > MAX_TRACEPARENT:
+                field, limit = f"entries[{i}].traceparent", f"at most {MAX_TRACEPARENT} characters"
+                violations.append(FieldViolation(field, limit))
+        if violations:
+            raise RequestInvalid(violations)
+        batch = trace.get_current_span().get_span_context()
+        links = [trace.Link(batch)] if batch.is_valid else None
+        return list(await asyncio.gather(*(self._settle_entry(e, links) for e in entries)))
+
+    async def _settle_entry(
+        self, entry: control_pb2.SettleBatchEntry, links: list[trace.Link] | None
+    ) -> bool:
+        # Without its request's trace context, the entry's span hangs under the batch's.
+        parent = (
+            telemetry.extract_metadata((("traceparent", entry.traceparent),))
+            if entry.traceparent
+            else None
+        )
+        with telemetry.tracer("control").start_as_current_span(
+            semconv.SPAN_SETTLE_ENTRY,
+            context=parent,
+            links=links,
+            attributes={semconv.REQUEST_ID: entry.settlement.request_id},
+        ):
+            return await self._settle_checked(entry.settlement)
+
+    async def _settle_checked(self, request: control_pb2.SettleRequest) -> bool:
         if self._outage.active:
             return self._defer(request)
         try:

@@ -49,6 +49,14 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return control_pb2.SettleResponse(applied=await self._admission.settle(request))
 
     @unary_handler
+    async def SettleBatch(
+        self, request: control_pb2.SettleBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.SettleBatchResponse:
+        return control_pb2.SettleBatchResponse(
+            applied=await self._admission.settle_batch(request.entries)
+        )
+
+    @unary_handler
     async def CheckOutput(
         self, request: control_pb2.CheckOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.CheckOutputResponse:

@@ -2,6 +2,11 @@
 
 Every call carries a timeout taken from the request's deadline and the request id; a
 failure becomes the StrataError to raise, with the downstream reason unchanged.
+
+Settlements and stores, sent after the reply, go through a `Coalescer`: one alone when
+none is on its way, else those that piled up meanwhile as one SettleBatch or StoreBatch.
+A batch call runs under a span of its own, linked to each request's span; control also
+opens a span of each settlement in its request's trace.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.common import semconv, telemetry
 from services.common.calls import Deadline, request_metadata
+from services.common.coalesce import Coalescer
 from services.common.errors import from_rpc_error
 from services.common.tasks import cancel_and_wait
 from strata.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -25,6 +33,7 @@ from strata.control.v1 import control_pb2, control_pb2_grpc
 from strata.executor.v1 import executor_pb2, executor_pb2_grpc
 
 _Resp = TypeVar("_Resp")
+_Req = TypeVar("_Req")
 
 AUDIT_TIMEOUT_S = 10.0
 ADMIN_TIMEOUT_S = 10.0
@@ -46,6 +55,8 @@ RESEND_S = (0.5, 30.0)
 """First and longest wait before kept settlements are sent again (doubling in between)."""
 FLUSH_S = 5.0
 """At shutdown, the longest last try to send the settlements still kept."""
+MAX_BATCH = 100
+"""The most settlements (or stores) one batch call carries."""
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,39 @@ async def _unary(dependency: str, call: Awaitable[_Resp]) -> _Resp:
         return await call
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err, dependency) from None
+
+
+def _split_batch(err: BaseException) -> bool:
+    """Whether a failed batch call's entries should go again one by one: yes unless the
+    receiver was out of reach (each would fail the same way), e.g. one invalid entry, or a
+    receiver without the batch method."""
+    return isinstance(err, grpc.aio.AioRpcError) and err.code() not in KEEP_CODES
+
+
+_Traced = tuple[_Req, otel_context.Context]
+"""A request to send later and the trace context it was handed over in."""
+
+
+def _batch_span(name: str, items: Sequence[_Traced[object]]) -> trace.Span:
+    """The span of a batch call: a root of its own, linked to each request's span (a batch
+    serves many traces and belongs to none)."""
+    links = [
+        trace.Link(context)
+        for _, carried in items
+        if (context := trace.get_current_span(carried).get_span_context()).is_valid
+    ]
+    return telemetry.tracer("orchestrator").start_span(
+        name,
+        context=otel_context.Context(),
+        links=links,
+        attributes={semconv.BATCH_SIZE: len(items)},
+    )
+
+
+def _traceparent(carried: otel_context.Context) -> str:
+    carrier: dict[str, str] = {}
+    telemetry.inject_context(carrier, carried)
+    return carrier.get("traceparent", "")
 
 
 class ControlClient:
@@ -74,6 +118,9 @@ class ControlClient:
         self._settle_timeout_s = settle_timeout_s
         self._kept: deque[control_pb2.SettleRequest] = deque()
         self._resending: asyncio.Task[None] | None = None
+        self._settling: Coalescer[_Traced[control_pb2.SettleRequest], None] = Coalescer(
+            self._settle_one, self._settle_many, MAX_BATCH, _split_batch
+        )
 
     async def admit(
         self, request: control_pb2.AdmitRequest, deadline: Deadline
@@ -109,7 +156,7 @@ class ControlClient:
         Raises the StrataError of a settlement control refused."""
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                await self._send(request)
+                await self._settling.submit((request, otel_context.get_current()))
                 return True
             except grpc.aio.AioRpcError as err:
                 if err.code() not in KEEP_CODES:
@@ -119,6 +166,20 @@ class ControlClient:
                     return False
                 await asyncio.sleep(0.05 * 4**attempt)
         raise AssertionError("unreachable")
+
+    async def _settle_one(self, item: _Traced[control_pb2.SettleRequest]) -> None:
+        await self._send(item[0])
+
+    async def _settle_many(self, items: list[_Traced[control_pb2.SettleRequest]]) -> list[None]:
+        batch = control_pb2.SettleBatchRequest(
+            entries=[
+                control_pb2.SettleBatchEntry(settlement=request, traceparent=_traceparent(carried))
+                for request, carried in items
+            ]
+        )
+        with trace.use_span(_batch_span(semconv.SPAN_SETTLEMENT_BATCH, items), end_on_exit=True):
+            await self._stub.SettleBatch(batch, timeout=self._settle_timeout_s)
+        return [None] * len(items)
 
     async def _send(self, request: control_pb2.SettleRequest, kept: bool = False) -> None:
         # A kept one waits (within the timeout) for the channel to connect again.
@@ -207,6 +268,9 @@ class CacheClient:
         self._admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
         self._admin_metadata = (("authorization", f"Bearer {admin_token or ''}"),)
         self._timeout_s = timeout_s
+        self._storing: Coalescer[_Traced[cache_pb2.StoreRequest], cache_pb2.StoreResponse] = (
+            Coalescer(self._store_one, self._store_many, MAX_BATCH, _split_batch)
+        )
 
     async def forget_documents(self, tenant_id: str, document_ids: Sequence[str]) -> None:
         """Drops the cached answers grounded on these documents (any version)."""
@@ -245,14 +309,21 @@ class CacheClient:
         )
 
     async def store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
-        return await _unary(
-            "cache",
-            self._stub.Store(
-                request,
-                timeout=self._timeout_s,
-                metadata=request_metadata(request.answer.request_id),
-            ),
+        return await _unary("cache", self._storing.submit((request, otel_context.get_current())))
+
+    async def _store_one(self, item: _Traced[cache_pb2.StoreRequest]) -> cache_pb2.StoreResponse:
+        request = item[0]
+        return await self._stub.Store(
+            request, timeout=self._timeout_s, metadata=request_metadata(request.answer.request_id)
         )
+
+    async def _store_many(
+        self, items: list[_Traced[cache_pb2.StoreRequest]]
+    ) -> list[cache_pb2.StoreResponse]:
+        batch = cache_pb2.StoreBatchRequest(entries=[request for request, _ in items])
+        with trace.use_span(_batch_span(semconv.SPAN_CACHE_STORE_BATCH, items), end_on_exit=True):
+            stored = await self._stub.StoreBatch(batch, timeout=self._timeout_s)
+        return [cache_pb2.StoreResponse(entry_id=entry_id) for entry_id in stored.entry_ids]
 
 
 class ExecutorClient:

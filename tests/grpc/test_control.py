@@ -184,6 +184,71 @@ async def test_settle_records_usage_once(
     assert int(redis_db.hget("strata:{t:acme}:reserved", "tenant") or 0) == 0
 
 
+async def test_a_settle_batch_settles_each_entry_once_as_settle_would(
+    control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    admitted = [await control.stub.Admit(admit_request(test_keys.acme, request_id=i)) for i in ids]
+    settlements = [
+        settle_request(a, i, 10 + n, 20 + n)
+        for n, (a, i) in enumerate(zip(admitted, ids, strict=True))
+    ]
+    # One of them was settled alone already: the batch applies the other two.
+    await control.stub.Settle(settlements[1])
+    batch = control_pb2.SettleBatchRequest(
+        entries=[control_pb2.SettleBatchEntry(settlement=s) for s in settlements]
+    )
+    reply = await control.stub.SettleBatch(batch)
+    assert list(reply.applied) == [True, False, True]
+    again = await control.stub.SettleBatch(batch)
+    assert list(again.applied) == [False, False, False]
+    usage = usage_record(redis_db)
+    assert usage["requests"] == 3
+    assert (usage["input_tokens"], usage["output_tokens"], usage["spent"]) == (33, 63, 21)
+    assert redis_db.hlen("strata:{t:acme}:reservations") == 0
+    assert int(redis_db.hget("strata:{t:acme}:reserved", "tenant") or 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("entries", "fields"),
+    [
+        ([], ["entries"]),
+        (["ok", "no-tenant"], ["entries[1].settlement.tenant_id"]),
+        (["ok", "long-trace"], ["entries[1].traceparent"]),
+    ],
+)
+async def test_an_invalid_settle_batch_applies_nothing(
+    control: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    entries: list[str],
+    fields: list[str],
+) -> None:
+    batch = control_pb2.SettleBatchRequest()
+    for shape in entries:
+        request_id = uuid.uuid4().hex
+        admitted = await control.stub.Admit(admit_request(test_keys.acme, request_id=request_id))
+        entry = batch.entries.add(settlement=settle_request(admitted, request_id, 1, 1))
+        if shape == "no-tenant":
+            entry.settlement.tenant_id = ""
+        elif shape == "long-trace":
+            entry.traceparent = "0" * 257
+
+    def settlements() -> dict[bytes, Any]:
+        return {k: redis_db.hgetall(k) for k in redis_db.scan_iter("strata:{t:acme}:settled:*")}
+
+    before = settlements()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await control.stub.SettleBatch(batch)
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_INVALID")
+    assert error.field_violations == fields
+    # Every reservation still held, nothing counted or charged (not even the valid entry).
+    assert redis_db.hlen("strata:{t:acme}:reservations") == len(entries)
+    assert usage_record(redis_db) == {}
+    assert settlements() == before
+
+
 async def test_every_state_key_expires(
     control: Served, test_keys: ApiKeys, redis_db: redis.Redis
 ) -> None:

@@ -344,6 +344,25 @@ async def test_control_refuses_absurd_admissions_and_settlements(
             "guardrail_findings[0]",
         ),
         (
+            "SettleBatch",
+            control_pb2.SettleBatchRequest(
+                entries=[control_pb2.SettleBatchEntry(settlement=settle())] * 1001
+            ),
+            "entries",
+        ),
+        (
+            "SettleBatch",
+            control_pb2.SettleBatchRequest(
+                entries=[
+                    control_pb2.SettleBatchEntry(settlement=settle()),
+                    control_pb2.SettleBatchEntry(
+                        settlement=settle(usage=common_pb2.Usage(output_tokens=2**60))
+                    ),
+                ]
+            ),
+            "entries[1].settlement.usage",
+        ),
+        (
             "CheckOutput",
             control_pb2.CheckOutputRequest(request_id="x" * 10_000, tenant_id="acme"),
             "request_id",

@@ -12,9 +12,11 @@ import grpc
 import pytest
 import redis
 
+from services.cache.answers import AnswerCache
 from services.common.chat import assemble_tool_calls
 from services.executor import tokens
 from services.orchestrator import clients
+from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2, admin_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2
@@ -24,6 +26,7 @@ from tests.grpc.conftest import ADMIN_TOKEN, Served, StartControl, StartOrchestr
 from tests.helpers import (
     bearer,
     eventually,
+    handed_over,
     reserved,
     rich_error,
     state_snapshot,
@@ -122,6 +125,40 @@ async def test_the_cache_is_shared_by_a_tenant_and_never_crosses_tenants(
     other_tenant = await stream(orchestrator, test_keys.globex, request)
     assert same_tenant[0].start.cache_status == HIT
     assert other_tenant[0].start.cache_status == MISS
+
+
+async def test_answers_stored_together_are_each_served_from_the_cache(
+    orchestrator: Served, test_keys: ApiKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache holds the first store it gets: the answers after it pile up and go as one
+    # StoreBatch.
+    gate, held, batches = asyncio.Event(), asyncio.Event(), []
+    store, store_batch = AnswerCache.store, AnswerCache.store_batch
+
+    async def first_held(self: AnswerCache, request: Any) -> str:
+        if not held.is_set():
+            held.set()
+            await gate.wait()
+        return await store(self, request)
+
+    async def seen(self: AnswerCache, requests: Any) -> list[str]:
+        batches.append(len(requests))
+        return await store_batch(self, requests)
+
+    monkeypatch.setattr(AnswerCache, "store", first_held)
+    monkeypatch.setattr(AnswerCache, "store_batch", seen)
+    handed = handed_over(monkeypatch, cache_pb2.StoreRequest)
+    requests = [ask() for _ in range(4)]
+    for request in requests:
+        await stream(orchestrator, test_keys.acme, request)
+        await asyncio.wait_for(held.wait(), 5)
+    await eventually(lambda: len(handed) == 4)
+    gate.set()
+    await eventually(lambda: batches == [3])
+    for request in requests:
+        again = await stream(orchestrator, test_keys.acme, request)
+        assert again[0].start.cache_status == HIT
+        assert text_of(again)
 
 
 async def test_cache_policy_modes(orchestrator: Served, test_keys: ApiKeys) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 import yaml
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -20,7 +21,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from services.common import telemetry
+from services.control.admission import AdmissionControl
 from strata.common.v1 import common_pb2
+from strata.control.v1 import control_pb2
 from strata.orchestrator.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -30,7 +33,7 @@ from strata.orchestrator.v1 import (
 )
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import Served, StartOrchestrator
-from tests.helpers import bearer, user
+from tests.helpers import bearer, eventually, handed_over, usage_record, user
 
 SERVICES = ("orchestrator", "control", "cache", "executor")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -151,6 +154,56 @@ async def test_a_failed_model_call_carries_its_error_type(
     found = await finished(spans, lambda f: any(s.name == "chat mock-error" for s in f))
     chats = [s for s in found if s.name == "chat mock-error"]
     assert all((s.attributes or {}).get("error.type") == "PROVIDER_UNAVAILABLE" for s in chats)
+
+
+async def test_settlements_that_pile_up_go_as_one_batch_each_in_its_own_trace(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    spans: InMemorySpanExporter,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Control holds the first settlement it gets: the others pile up in the orchestrator.
+    gate, held = asyncio.Event(), asyncio.Event()
+    settle_checked = AdmissionControl._settle_checked
+
+    async def first_held(self: AdmissionControl, request: Any) -> bool:
+        if not held.is_set():
+            held.set()
+            await gate.wait()
+        return await settle_checked(self, request)
+
+    monkeypatch.setattr(AdmissionControl, "_settle_checked", first_held)
+    handed = handed_over(monkeypatch, control_pb2.SettleRequest)
+    traces = [f"{n:032x}" for n in range(1, 5)]
+    for trace in traces:  # one after another: each settles after its reply
+        await orchestrator.stub.Generate(
+            orchestrator_pb2.GenerateRequest(model="mock-fast", messages=[user(f"q {trace}")]),
+            metadata=[*bearer(test_keys.acme), ("traceparent", f"00-{trace}-b7ad6b7169203331-01")],
+            timeout=10,
+        )
+        if trace == traces[0]:
+            await asyncio.wait_for(held.wait(), 5)
+    await eventually(lambda: len(handed) == 4)
+    gate.set()
+    found = await finished(spans, lambda f: sum(s.name == "settle" for s in f) == 3)
+    index = by_id(found)
+
+    batch = named(found, "strata.control.v1.ControlService/SettleBatch")
+    sent = parent_of(batch, index)
+    assert sent.name == "settlement batch" and sent.parent is None  # a trace of its own
+    assert sent.attributes is not None and sent.attributes["strata.batch.size"] == 3
+    linked = {format(link.context.trace_id, "032x") for link in sent.links}
+    assert linked == set(traces[1:])
+    for trace in traces[1:]:
+        [entry] = [s for s in found if s.name == "settle" and trace_id(s) == trace]
+        assert service_of(entry) == "control"
+        assert parent_of(entry, index).name == "settlement"  # the request's own span
+        assert service_of(parent_of(entry, index)) == "orchestrator"
+    alone = [s for s in found if s.name == "strata.control.v1.ControlService/Settle"]
+    assert [trace_id(s) for s in alone] == traces[:1]
+    await eventually(lambda: usage_record(redis_db).get("requests") == 4)
+    assert redis_db.hlen("strata:{t:acme}:reservations") == 0
 
 
 def test_captured_content_is_redacted_and_cut() -> None:

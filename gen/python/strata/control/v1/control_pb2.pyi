@@ -190,3 +190,23 @@ class SettleResponse(_message.Message):
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     def __init__(self, applied: _Optional[bool] = ...) -> None: ...
+
+class SettleBatchRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[SettleBatchEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[SettleBatchEntry, _Mapping]]] = ...) -> None: ...
+
+class SettleBatchEntry(_message.Message):
+    __slots__ = ("settlement", "traceparent")
+    SETTLEMENT_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    settlement: SettleRequest
+    traceparent: str
+    def __init__(self, settlement: _Optional[_Union[SettleRequest, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class SettleBatchResponse(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, applied: _Optional[_Iterable[bool]] = ...) -> None: ...

@@ -46,6 +46,11 @@ class ControlServiceStub:
                 request_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.SerializeToString,
                 response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.SettleBatch = channel.unary_unary(
+                '/strata.control.v1.ControlService/SettleBatch',
+                request_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleBatchRequest.SerializeToString,
+                response_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleBatchResponse.FromString,
+                _registered_method=True)
         self.CheckOutput = channel.unary_unary(
                 '/strata.control.v1.ControlService/CheckOutput',
                 request_serializer=strata_dot_control_dot_v1_dot_control__pb2.CheckOutputRequest.SerializeToString,
@@ -82,6 +87,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SettleBatch(self, request, context):
+        """Settles many requests in one call, each as Settle would. Callers send the settlements
+        that piled up while their previous call was on its way together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckOutput(self, request, context):
         """Checks a generated text against the output guardrails of a profile.
         """
@@ -109,6 +122,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.FromString,
                     response_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.SerializeToString,
+            ),
+            'SettleBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleBatch,
+                    request_deserializer=strata_dot_control_dot_v1_dot_control__pb2.SettleBatchRequest.FromString,
+                    response_serializer=strata_dot_control_dot_v1_dot_control__pb2.SettleBatchResponse.SerializeToString,
             ),
             'CheckOutput': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckOutput,
@@ -177,6 +195,33 @@ class ControlService:
             '/strata.control.v1.ControlService/Settle',
             strata_dot_control_dot_v1_dot_control__pb2.SettleRequest.SerializeToString,
             strata_dot_control_dot_v1_dot_control__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.control.v1.ControlService/SettleBatch',
+            strata_dot_control_dot_v1_dot_control__pb2.SettleBatchRequest.SerializeToString,
+            strata_dot_control_dot_v1_dot_control__pb2.SettleBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

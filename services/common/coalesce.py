@@ -1,0 +1,118 @@
+"""Calls that pile up go together: one call on its way at a time, the rest as one batch.
+
+A call submitted while none is on its way goes at once, alone, in its caller's task: a
+lightly loaded service pays nothing for this. Calls submitted while one is on its way wait
+for it to return and then go together as one batch call (a lone waiter goes alone, in its
+own caller's context, so its trace stays whole). The busier the receiver, the longer a call
+takes and the more calls each batch carries: the per-call cost (a gRPC round trip, its
+server handler, its span) is paid once per batch instead of once per call. Nothing waits on
+a timer. A batch is capped at `max_batch`; a full one goes at once even while another is on
+its way.
+
+A batch call that fails can be split: when `split(error)` says so (say, the receiver
+refused one entry as invalid, or does not know the batch method), each of its calls goes
+again alone and gets its own answer. Otherwise every call of the batch gets the error.
+
+A call handed over is sent even when its submitter stops waiting (is cancelled): submitting
+is handing over. The coalescer keeps its batch tasks referenced until they end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class Coalescer(Generic[_Item, _Result]):
+    """Sends `one(item)` when nothing is on its way, else `many(items)` once it returns."""
+
+    def __init__(
+        self,
+        one: Callable[[_Item], Awaitable[_Result]],
+        many: Callable[[list[_Item]], Awaitable[Sequence[_Result]]],
+        max_batch: int,
+        split: Callable[[BaseException], bool] = lambda _: False,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._one = one
+        self._many = many
+        self._max_batch = max_batch
+        self._split = split
+        self._waiting: deque[tuple[_Item, asyncio.Future[_Result], contextvars.Context]] = deque()
+        self._on_the_way = 0
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        """Batch calls made (calls that carried more than one item)."""
+
+    async def submit(self, item: _Item) -> _Result:
+        """The item's answer (or its error), sent alone or in a batch."""
+        if not self._on_the_way:
+            self._on_the_way += 1
+            try:
+                return await self._one(item)
+            finally:
+                self._on_the_way -= 1
+                self._pass_on()
+        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future, contextvars.copy_context()))
+        if len(self._waiting) >= self._max_batch:
+            self._pass_on(full=True)
+        return await future
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for the call on its way."""
+        return len(self._waiting)
+
+    def _pass_on(self, full: bool = False) -> None:
+        """Sends what waits, as one call: when nothing is on its way, or a batch is full."""
+        if not self._waiting or (self._on_the_way and not full):
+            return
+        batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+        # A lone call runs in its submitter's context; a batch in none of the requests'.
+        context = batch[0][2] if len(batch) == 1 else contextvars.Context()
+        self._on_the_way += 1
+        task = asyncio.get_running_loop().create_task(self._send(batch), context=context)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, batch: list[tuple[_Item, asyncio.Future[_Result], contextvars.Context]]
+    ) -> None:
+        items = [item for item, _, _ in batch]
+        results: Sequence[_Result | BaseException]
+        try:
+            if len(items) == 1:
+                results = [await self._one(items[0])]
+            else:
+                self.batches += 1
+                results = await self._many(items)
+        except Exception as err:  # handed to each submitter
+            if len(items) > 1 and self._split(err):
+                results = await asyncio.gather(
+                    *(self._one(item) for item in items), return_exceptions=True
+                )
+            else:
+                results = [err] * len(items)
+        except BaseException:
+            # Cancelled (the loop is closing): the submitters learn it, then this ends.
+            for _, future, _ in batch:
+                if not future.done():
+                    future.cancel()
+            self._on_the_way -= 1
+            raise
+        for (_, future, _), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its submitter stopped waiting
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self._on_the_way -= 1
+        self._pass_on()
