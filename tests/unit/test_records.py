@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -76,6 +78,30 @@ async def test_a_record_is_kept_under_its_tenant_for_the_ttl(
     key = record_key("acme", "req-1")
     assert key == "strata:trace:{acme}:req-1"
     assert 0 < int(redis_db.ttl(key)) <= TTL_S
+
+
+async def test_records_saved_at_once_go_together_and_each_is_kept(
+    store: RecordStore,
+    client: aioredis.Redis,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = [a_record(tenant=f"t{n % 3}", request_id=f"req-{n}") for n in range(30)]
+    alone: list[str] = []
+    set_one = client.set
+
+    async def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+        alone.append(name)
+        return await set_one(name, *args, **kwargs)
+
+    monkeypatch.setattr(client, "set", counted)
+    await asyncio.gather(*(store.save(record) for record in records))
+
+    # The first went alone; the 29 that piled up behind it, in one pipeline.
+    assert alone == [record_key("t0", "req-0")]
+    for record in records:
+        assert await store.get(record.tenant_id, record.request_id) == record
+        assert 0 < int(redis_db.ttl(record_key(record.tenant_id, record.request_id))) <= TTL_S
 
 
 async def test_another_tenants_record_is_not_found(store: RecordStore) -> None:
