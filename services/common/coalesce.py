@@ -85,34 +85,39 @@ class Coalescer(Generic[_Item, _Result]):
     async def _send(
         self, batch: list[tuple[_Item, asyncio.Future[_Result], contextvars.Context]]
     ) -> None:
-        items = [item for item, _, _ in batch]
-        results: Sequence[_Result | BaseException]
         try:
-            if len(items) == 1:
-                results = [await self._one(items[0])]
-            else:
-                self.batches += 1
-                results = await self._many(items)
-        except Exception as err:  # handed to each submitter
-            if len(items) > 1 and self._split(err):
-                results = await asyncio.gather(
-                    *(self._one(item) for item in items), return_exceptions=True
-                )
-            else:
-                results = [err] * len(items)
+            results = await self._results([item for item, _, _ in batch])
         except BaseException:
             # Cancelled (the loop is closing): the submitters learn it, then this ends.
             for _, future, _ in batch:
                 if not future.done():
                     future.cancel()
-            self._on_the_way -= 1
             raise
-        for (_, future, _), result in zip(batch, results, strict=True):
-            if future.done():
-                continue  # its submitter stopped waiting
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-        self._on_the_way -= 1
-        self._pass_on()
+        else:
+            for (_, future, _), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # its submitter stopped waiting
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._on_the_way -= 1
+            self._pass_on()
+
+    async def _results(self, items: list[_Item]) -> Sequence[_Result | BaseException]:
+        """Each item's answer or error, as many as there are items."""
+        try:
+            if len(items) == 1:
+                return [await self._one(items[0])]
+            self.batches += 1
+            results = await self._many(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{len(results)} answers to a batch of {len(items)}")
+            return results
+        except Exception as err:  # handed to each submitter
+            if len(items) > 1 and self._split(err):
+                return await asyncio.gather(
+                    *(self._one(item) for item in items), return_exceptions=True
+                )
+            return [err] * len(items)

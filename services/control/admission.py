@@ -110,9 +110,11 @@ MAX_CANDIDATES = 32
 MAX_ATTEMPTS = 64
 """Attempts one settlement may report (retries and fallbacks of one request)."""
 MAX_COUNT = 2**53 - 1
-MAX_SETTLE_BATCH = 1000
-MAX_TRACEPARENT = 256
 """The largest token count or cost a settlement may report: Lua numbers are doubles."""
+MAX_SETTLE_BATCH = 1000
+"""Settlements one SettleBatch may carry."""
+MAX_TRACEPARENT = 256
+"""Longest trace context a batch entry may carry (a W3C traceparent is 55 characters)."""
 _OUTCOMES = {
     control_pb2.OUTCOME_SUCCESS: "success",
     control_pb2.OUTCOME_FAILURE: "failure",

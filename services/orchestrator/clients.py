@@ -57,6 +57,8 @@ FLUSH_S = 5.0
 """At shutdown, the longest last try to send the settlements still kept."""
 MAX_BATCH = 100
 """The most settlements (or stores) one batch call carries."""
+STORE_BATCH_TIMEOUT_FACTOR = 4
+"""A StoreBatch of n answers may take min(n, this) times a store's timeout."""
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +323,11 @@ class CacheClient:
         self, items: list[_Traced[cache_pb2.StoreRequest]]
     ) -> list[cache_pb2.StoreResponse]:
         batch = cache_pb2.StoreBatchRequest(entries=[request for request, _ in items])
+        # The cache embeds a batch's questions together: more time than one store, far less
+        # than one each.
+        timeout = self._timeout_s * min(len(items), STORE_BATCH_TIMEOUT_FACTOR)
         with trace.use_span(_batch_span(semconv.SPAN_CACHE_STORE_BATCH, items), end_on_exit=True):
-            stored = await self._stub.StoreBatch(batch, timeout=self._timeout_s)
+            stored = await self._stub.StoreBatch(batch, timeout=timeout)
         return [cache_pb2.StoreResponse(entry_id=entry_id) for entry_id in stored.entry_ids]
 
 

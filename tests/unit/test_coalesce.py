@@ -173,3 +173,22 @@ async def test_a_cancelled_call_on_its_way_lets_the_waiting_ones_go() -> None:
     assert receiver.calls == [["a"], ["b"]]
     receiver.gate.set()
     assert await second == "B"
+
+
+async def test_a_batch_answered_short_fails_each_call_and_does_not_wedge() -> None:
+    receiver = Receiver()
+
+    async def short(items: list[str]) -> Sequence[str]:
+        await receiver.many(items)
+        return [items[0].upper()]
+
+    send = Coalescer(receiver.one, short, 100)
+    receiver.gate.clear()
+    first = await submitted(send, "a")
+    rest = [await submitted(send, item) for item in "bc"]
+    receiver.gate.set()
+    assert await first == "A"
+    for task in rest:
+        with pytest.raises(RuntimeError, match="1 answers to a batch of 2"):
+            await task
+    assert await send.submit("d") == "D"
