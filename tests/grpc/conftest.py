@@ -139,6 +139,10 @@ async def start_orchestrator(
             "redis_url": redis_url,
             "data_dir": tmp_path / f"orchestrator-{len(started)}",
             "cache_admin_token": ADMIN_TOKEN,
+            # In process, the four services and the test share one event loop: one's burst
+            # of CPU (an embedding, a collection) delays another's Redis replies, on a busy
+            # machine past the 0.25 s meant for a process of its own.
+            "redis_timeout_s": 1.0,
             **LOCAL,
             **overrides,
         }
