@@ -13,6 +13,12 @@ Prometheus scrape endpoint, when those are configured.
 Code asks for its service's tracer and instruments with `tracer(service)` and
 `instruments(service)` at use, so objects built before `configure` still report to the
 configured providers (and to no-op ones in unit tests that configure nothing).
+
+Spans are recorded only once a provider has somewhere to send them (an exporter, or a
+test's processor): with no OTLP endpoint every span would be built, timed and thrown away,
+on every hop of every request. Unrecorded, a span still carries the trace on: the same
+trace id (a caller's, or a new one for the request's records), marked not sampled, so a
+service further on records nothing of it either. Trace from every service or from none.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -214,12 +221,52 @@ class Telemetry:
 _configured: dict[str, Telemetry] = {}
 
 
+class _WhenRecorded(Sampler):
+    """The provider's own sampler once spans have somewhere to go; until then, drop."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.recording = False
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if self.recording:
+            return self.inner.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.DROP, None, parent.trace_state)
+
+    def get_description(self) -> str:
+        return f"WhenRecorded{{{self.inner.get_description()}}}"
+
+
+class _Provider(TracerProvider):
+    """A tracer provider whose spans are recorded from its first span processor on."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource=resource)
+        self.sampler = self._when_recorded = _WhenRecorded(self.sampler)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self._when_recorded.recording = True
+
+
 def _unconfigured(service: str) -> Telemetry:
     # Spans still get ids (and carry a caller's trace on) but go nowhere.
     provider = MeterProvider(resource=_resource(service))
     return Telemetry(
         service,
-        TracerProvider(resource=_resource(service)),
+        _Provider(_resource(service)),
         provider,
         _instruments(provider.get_meter(f"strata.{service}")),
     )
@@ -279,7 +326,7 @@ def configure(
             REGISTRY.register(reader._collector)
 
     meter_provider = MeterProvider(resource=_resource(service), metric_readers=readers)
-    tracer_provider = TracerProvider(resource=_resource(service))
+    tracer_provider = _Provider(_resource(service))
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

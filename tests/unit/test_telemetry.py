@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import httpx
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common import telemetry
 
@@ -45,3 +47,44 @@ def test_trace_context_goes_out_with_the_call_and_comes_back_in() -> None:
     with tracer.start_as_current_span("callee", context=parent) as child:
         assert child.get_span_context().trace_id == span.get_span_context().trace_id
         assert telemetry.current_trace_id() == format(span.get_span_context().trace_id, "032x")
+
+
+def test_without_an_exporter_spans_are_not_built_but_the_trace_goes_on() -> None:
+    made = telemetry.configure("unit-unexported")
+    try:
+        caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        parent = telemetry.extract_metadata([("traceparent", caller)])
+        with made.tracer.start_as_current_span("call", context=parent) as span:
+            assert not span.is_recording()
+            assert telemetry.current_trace_id() == caller[3:35]  # the caller's trace
+            sent = dict(telemetry.inject_metadata([]))
+        assert sent["traceparent"].startswith(f"00-{caller[3:35]}-")
+        assert sent["traceparent"] != caller  # a span of its own, marked not sampled
+        assert sent["traceparent"].endswith("-00")
+        with made.tracer.start_as_current_span("root"):
+            assert len(telemetry.current_trace_id()) == 32  # a request's records still get one
+            assert telemetry.current_trace_id() != "0" * 32
+    finally:
+        telemetry.release("unit-unexported", made)
+
+
+def test_spans_are_recorded_once_the_provider_has_somewhere_to_send_them() -> None:
+    made = telemetry.configure("unit-exported")
+    try:
+        exporter = InMemorySpanExporter()
+        made.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        parent = telemetry.extract_metadata([("traceparent", caller)])
+        with made.tracer.start_as_current_span("call", context=parent) as span:
+            assert span.is_recording()
+        [finished] = exporter.get_finished_spans()
+        assert finished.name == "call"
+        assert (
+            finished.parent is not None and format(finished.parent.span_id, "016x") == caller[36:52]
+        )
+        # A caller that decided not to sample is still honoured.
+        unsampled = telemetry.extract_metadata([("traceparent", caller[:-2] + "00")])
+        with made.tracer.start_as_current_span("skipped", context=unsampled) as span:
+            assert not span.is_recording()
+    finally:
+        telemetry.release("unit-exported", made)
