@@ -1,9 +1,10 @@
 """Latency tracing adds to a request: unary Generate with spans exported vs not (p50, p95).
 
     .venv/bin/python -m bench.tracing_overhead [--requests 300] [--round 20]
+    .venv/bin/python -m bench.tracing_overhead --span-cost
 
 Starts the four services as processes twice, side by side on one Redis: `off` with no
-OTLP endpoint (spans are made and trace context is carried, nothing is exported) and `on`
+OTLP endpoint (no span is built; trace context is carried) and `on`
 exporting traces and metrics to an OTLP/gRPC receiver in this process
 (tests/otlp_receiver.py). Sends `--requests` sequential Generate calls to each, on the mock
 model with the cache bypassed, in alternating rounds of `--round` calls (the order flips
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import grpc
 import yaml
+from opentelemetry.sdk.trace import TracerProvider
 
 from bench.harness import bench_redis, percentile
+from services.common import telemetry
 from services.control.keys import new_key
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -72,12 +75,36 @@ def call(api: orchestrator_pb2_grpc.OrchestratorServiceStub, key: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def span_cost(spans: int = 50_000, rounds: int = 5) -> None:
+    """CPU per span with two attributes in a service without an exporter: built and thrown
+    away (the SDK's plain provider, as before Strata stopped building them) and not built
+    (Strata's provider), in alternating rounds."""
+    tracers = {
+        "built": TracerProvider().get_tracer("bench"),
+        "not built": telemetry.configure("bench-unexported").tracer,
+    }
+    costs: dict[str, list[float]] = {name: [] for name in tracers}
+    for _ in range(rounds):
+        for name, tracer in tracers.items():
+            began = time.process_time()
+            for _ in range(spans):
+                with tracer.start_as_current_span("step", attributes={"a": 1}) as span:
+                    span.set_attribute("b", "c")
+            costs[name].append((time.process_time() - began) / spans * 1e6)
+    for name, values in costs.items():
+        print(f"{name:>10}: {statistics.median(values):6.1f} µs of CPU per span (median)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="Generate calls per config")
     parser.add_argument("--round", type=int, default=20, help="calls per config per round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per config")
+    parser.add_argument("--span-cost", action="store_true", help="only the CPU of one span")
     args = parser.parse_args()
+    if args.span_cost:
+        span_cost()
+        return 0
     with ExitStack() as stack:
         redis_url = stack.enter_context(bench_redis())
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
