@@ -661,12 +661,7 @@ class AdmissionControl:
             raise RequestInvalid.field("entries", f"1 to {MAX_SETTLE_BATCH} entries")
         violations: list[FieldViolation] = []
         for i, entry in enumerate(entries):
-            try:
-                _check_settle(entry.settlement)
-            except RequestInvalid as err:
-                prefix = f"entries[{i}].settlement."
-                for v in err.violations:
-                    violations.append(FieldViolation(prefix + v.field, v.description))
+            violations += _settle_violations(entry.settlement, f"entries[{i}].settlement.")
             if len(entry.traceparent) > MAX_TRACEPARENT:
                 field, limit = f"entries[{i}].traceparent", f"at most {MAX_TRACEPARENT} characters"
                 violations.append(FieldViolation(field, limit))
@@ -1025,6 +1020,14 @@ def _check_admit(request: control_pb2.AdmitRequest) -> None:
 
 
 def _check_settle(request: control_pb2.SettleRequest) -> None:
+    if violations := _settle_violations(request):
+        raise RequestInvalid(violations)
+
+
+def _settle_violations(
+    request: control_pb2.SettleRequest, prefix: str = ""
+) -> list[FieldViolation]:
+    """What is wrong with a settlement; `prefix` names it inside a batch."""
     violations = [v for v in [check_request_id(request.request_id)] if v]
     for name in ("tenant_id", "key_id"):
         if not valid_id(getattr(request, name)):
@@ -1056,8 +1059,7 @@ def _check_settle(request: control_pb2.SettleRequest) -> None:
             violations.append(
                 FieldViolation(f"guardrail_findings[{i}]", "needs a rule and a known action")
             )
-    if violations:
-        raise RequestInvalid(violations)
+    return [FieldViolation(prefix + v.field, v.description) for v in violations]
 
 
 def _countable(*values: int) -> bool:

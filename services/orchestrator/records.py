@@ -51,22 +51,22 @@ class RecordStore:
             log.warning("request record %s not saved (%s)", record.request_id, err)
 
     async def _save_one(self, record: traces_pb2.RequestRecord) -> None:
-        await self._redis.set(
-            record_key(record.tenant_id, record.request_id),
-            record.SerializeToString(),
-            ex=self._ttl_s,
-        )
+        await self._set(self._redis, record)
 
     async def _save_many(self, records: list[traces_pb2.RequestRecord]) -> list[None]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for record in records:
-                pipe.set(
-                    record_key(record.tenant_id, record.request_id),
-                    record.SerializeToString(),
-                    ex=self._ttl_s,
-                )
+                self._set(pipe, record)
             await pipe.execute()
         return [None] * len(records)
+
+    def _set(self, target: Any, record: traces_pb2.RequestRecord) -> Any:
+        """The record's SET on the client (awaitable) or queued on a pipeline."""
+        return target.set(
+            record_key(record.tenant_id, record.request_id),
+            record.SerializeToString(),
+            ex=self._ttl_s,
+        )
 
     async def get(self, tenant_id: str, request_id: str) -> traces_pb2.RequestRecord:
         """The tenant's record of the request; raises TraceNotFound when there is none."""
