@@ -51,7 +51,12 @@ from services.common.guardrails import Action, Guardrails, Verdict
 from services.common.logs import bind_request_id
 from services.common.tasks import Background, cancel_and_wait
 from services.orchestrator.clients import CacheClient, ControlClient, ExecutorClient
-from services.orchestrator.idempotency import IdempotencyStore, SingleFlight, body_hash
+from services.orchestrator.idempotency import (
+    FlightClaim,
+    IdempotencyStore,
+    SingleFlight,
+    body_hash,
+)
 from services.orchestrator.preparation import Prepared, Preparer, check_shape
 from services.orchestrator.records import RecordStore
 from services.orchestrator.routes import LatencyTracker
@@ -412,7 +417,9 @@ class Generator:
                 semconv.PROMPT_HASH: prompt.prompt_hash or None,
             }
         )
-        call, found, cache_status = await self._admit_and_lookup(prepared, api_key, stream, clock)
+        call, found, cache_status, claim = await self._admit_and_lookup(
+            prepared, api_key, stream, clock
+        )
         telemetry.set_attributes({semconv.TENANT_ID: call.admission.tenant_id})
         tally = _Tally(cache_status=cache_status)
         config = prepared.config
@@ -428,7 +435,9 @@ class Generator:
                     yield event
             else:
                 async with AsyncExitStack() as flight:
-                    again = await flight.enter_async_context(self._single_flight(call, found))
+                    again = await flight.enter_async_context(
+                        self._single_flight(call, found, claim)
+                    )
                     if again is not None:
                         # An identical request just finished: its answer is in the cache.
                         hit, tally.cache_status = again, common_pb2.CACHE_STATUS_HIT
@@ -553,9 +562,13 @@ class Generator:
 
     @asynccontextmanager
     async def _single_flight(
-        self, call: _Call, found: cache_pb2.LookupResponse | None
+        self,
+        call: _Call,
+        found: cache_pb2.LookupResponse | None,
+        claim: FlightClaim | None,
     ) -> AsyncIterator[cache_pb2.LookupResponse | None]:
         """Runs the body once per identical cacheable request at a time (across replicas).
+        `claim` is the one sent beside the admission, if any.
 
         Yields None when this call must answer (it leads, or nothing to share); or the
         cache's answer, stored by the identical request this one waited for."""
@@ -563,11 +576,17 @@ class Generator:
         if found is None or not found.exact_key or not (prepared.reads and prepared.writes):
             yield None
             return
-        if (stored := await self._stored_here(call, found)) is not None:
+        try:
+            stored = await self._stored_here(call, found)
+        except BaseException:
+            self._flight.withdraw(claim)
+            raise
+        if stored is not None:
+            self._flight.withdraw(claim)
             yield stored
             return
         async with self._flight.leader(
-            call.admission.tenant_id, found.exact_key, call.deadline
+            call.admission.tenant_id, found.exact_key, call.deadline, claim
         ) as leads:
             if leads:
                 yield None
@@ -577,12 +596,16 @@ class Generator:
 
     async def _admit_and_lookup(
         self, prepared: Prepared, api_key: str, stream: bool, clock: _Clock
-    ) -> tuple[_Call, cache_pb2.LookupResponse | None, common_pb2.CacheStatus]:
+    ) -> tuple[_Call, cache_pb2.LookupResponse | None, common_pb2.CacheStatus, FlightClaim | None]:
+        """Admission, and beside it the cache lookup (with the tenant this process last saw
+        for the key) and, when that misses, the single-flight claim the call would make
+        next. A claim made for nothing (the admission refused, or naming another tenant) is
+        withdrawn."""
         fingerprint = hashlib.sha256(api_key.encode()).digest()
         known = self._tenant_of_key.get(fingerprint) if prepared.reads else None
         predicted = known.tenant_id if known is not None else None
         early = (
-            asyncio.create_task(self._lookup(prepared, prepared.messages, predicted))
+            asyncio.create_task(self._look_ahead(prepared, predicted, prepared.messages))
             if predicted
             else None
         )
@@ -625,7 +648,7 @@ class Generator:
                     )
         except BaseException:
             if early is not None:
-                early.cancel()
+                self._abandon(early)
             raise
         clock.lap("admission")
         self._remember_tenant(fingerprint, admission.tenant_id, None)
@@ -633,19 +656,19 @@ class Generator:
         call = _Call(prepared, admission, messages, stream, clock)
         if not prepared.reads:
             if early is not None:
-                early.cancel()
-            return call, None, common_pb2.CACHE_STATUS_BYPASS
+                self._abandon(early)
+            return call, None, common_pb2.CACHE_STATUS_BYPASS, None
         if early is None or predicted != admission.tenant_id or admission.redacted_messages:
             if early is not None:
-                early.cancel()
-            early = asyncio.create_task(self._lookup(prepared, messages, admission.tenant_id))
+                self._abandon(early)
+            early = asyncio.create_task(self._look_ahead(prepared, admission.tenant_id, messages))
         try:
-            found, status = await early
+            found, status, claim = await early
             clock.lap("cache_lookup")
         except BaseException as err:
             # Cancelled while the cache answered: nothing ran, but the admission holds a
             # reservation; settle it now, or it would expire into a worst-case charge.
-            early.cancel()
+            self._abandon(early)
             tally = _Tally(cache_status=common_pb2.CACHE_STATUS_MISS)
             if isinstance(err, asyncio.CancelledError | GeneratorExit):
                 tally.outcome = control_pb2.OUTCOME_CANCELLED
@@ -653,7 +676,34 @@ class Generator:
                     raise
             self._settle_later(call, tally)
             raise
-        return call, found, status
+        return call, found, status, claim
+
+    async def _look_ahead(
+        self,
+        prepared: Prepared,
+        tenant_id: str,
+        messages: Sequence[common_pb2.ChatMessage],
+    ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus, FlightClaim | None]:
+        """The cache lookup, then, on a miss the call would answer and share, its
+        single-flight claim, sent at once (not waited for)."""
+        found, status = await self._lookup(prepared, messages, tenant_id)
+        claim = None
+        if (
+            status == common_pb2.CACHE_STATUS_MISS
+            and found is not None
+            and found.exact_key
+            and prepared.writes
+            and (tenant_id, found.exact_key) not in self._storing
+        ):
+            claim = self._flight.claim(tenant_id, found.exact_key)
+        return found, status, claim
+
+    def _abandon(self, early: asyncio.Task[Any]) -> None:
+        """Drops a look-ahead, withdrawing the claim it made."""
+        if not early.done():
+            early.cancel()  # (a look-ahead cut before it returns has made no claim)
+        elif not early.cancelled() and early.exception() is None:
+            self._flight.withdraw(early.result()[2])
 
     async def _admit(
         self, admit: control_pb2.AdmitRequest, deadline: Deadline, tenant: str | None

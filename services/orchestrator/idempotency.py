@@ -28,6 +28,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
@@ -161,6 +162,20 @@ class IdempotencyStore:
             log.warning("could not release idempotency key (%s); it expires", err.reason)
 
 
+@dataclass(frozen=True, slots=True)
+class FlightClaim:
+    """A single-flight claim sent ahead of the call that may use it (beside its
+    admission). Hand it to `SingleFlight.leader`, or give it back with
+    `SingleFlight.withdraw`."""
+
+    tenant_id: str
+    exact_key: str
+    key: str
+    token: bytes
+    leads: asyncio.Future[bool]
+    """Whether the claim took the lock (True too when Redis did not answer)."""
+
+
 class SingleFlight:
     """One model call for identical concurrent requests, across replicas."""
 
@@ -169,37 +184,80 @@ class SingleFlight:
         self._lease_ms = int(lease_s * 1000)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._withdrawing: set[asyncio.Future[None]] = set()
 
-    @asynccontextmanager
-    async def leader(
-        self, tenant_id: str, exact_key: str, deadline: Deadline
-    ) -> AsyncIterator[bool]:
-        """Yields True when this call leads (makes the model call), False when another call
-        led and has now finished (look in the cache again). Waits at most the deadline.
-        Without Redis, every call leads."""
+    def claim(self, tenant_id: str, exact_key: str) -> FlightClaim:
+        """Sends the claim for (tenant, exact key) now, without waiting for its answer."""
         key = f"strata:flight:{{t:{tenant_id}}}:{exact_key}"
         token = uuid.uuid4().hex.encode()
+        leads = asyncio.ensure_future(self._take(key, token))
+        return FlightClaim(tenant_id, exact_key, key, token, leads)
+
+    async def _take(self, key: str, token: bytes) -> bool:
         try:
             with redis_errors():
-                leads = await self._redis.set(key, token, nx=True, px=self._lease_ms)
+                return bool(await self._redis.set(key, token, nx=True, px=self._lease_ms))
         except DependencyUnavailable as err:
             # The command may have run: lead as though it had (the lease is renewed and
             # released only while it is this call's).
             log.warning("single flight without Redis (%s): this call makes its own", err.reason)
-            leads = True
+            return True
+
+    def withdraw(self, claim: FlightClaim | None) -> asyncio.Future[None] | None:
+        """Gives back, in the background, a claim that will not be used (its request was
+        refused or cut, or asks for another key): identical requests waiting on it go on
+        at once instead of when its lease lapses. None: nothing to give back."""
+        if claim is None:
+            return None
+        task = asyncio.ensure_future(self._withdraw(claim))
+        self._withdrawing.add(task)
+        task.add_done_callback(self._withdrawing.discard)
+        return task
+
+    async def _withdraw(self, claim: FlightClaim) -> None:
+        sent = claim.leads
+        await asyncio.wait({sent})
+        # Cut while it was sent, or failed, it may have run; the release deletes the key
+        # only while it holds this claim's token.
+        if sent.cancelled() or sent.exception() is not None or sent.result():
+            await self._give_back(claim)
+
+    async def _give_back(self, claim: FlightClaim) -> None:
+        try:
+            with redis_errors():
+                await self._release(keys=[claim.key], args=[claim.token])
+        except StrataError as err:
+            log.warning("could not end a single flight (%s); it expires", err.reason)
+
+    @asynccontextmanager
+    async def leader(
+        self,
+        tenant_id: str,
+        exact_key: str,
+        deadline: Deadline,
+        claim: FlightClaim | None = None,
+    ) -> AsyncIterator[bool]:
+        """Yields True when this call leads (makes the model call), False when another call
+        led and has now finished (look in the cache again). Waits at most the deadline.
+        Without Redis, every call leads. `claim`, sent earlier for the same tenant and exact
+        key, saves sending one now."""
+        if claim is None:
+            claim = self.claim(tenant_id, exact_key)
+        try:
+            leads = await claim.leads
+        except BaseException:
+            self.withdraw(claim)
+            raise
+        key = claim.key
         if leads:
             # A lease, renewed while the leader runs: when its replica dies, waiters go on
             # within the lease instead of waiting out the leader's deadline.
-            keeper = asyncio.create_task(renew(self._renew, key, token, self._lease_ms))
+            keeper = asyncio.create_task(renew(self._renew, key, claim.token, self._lease_ms))
             try:
                 yield True
             finally:
                 await cancel_and_wait(keeper)
-                try:
-                    with redis_errors():
-                        await self._release(keys=[key], args=[token])
-                except StrataError as err:
-                    log.warning("could not end a single flight (%s); it expires", err.reason)
+                await self._give_back(claim)
             return
         delay = POLL_S[0]
         failures = 0

@@ -17,6 +17,8 @@ import grpc
 import pytest
 import redis
 
+from services.common.errors import CostCeilingExceeded
+from services.control.admission import AdmissionControl
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
@@ -249,3 +251,74 @@ async def test_identical_requests_share_one_model_call_across_replicas(
     statuses = Counter(chunks[0].start.cache_status for chunks in answers)
     assert statuses == {common_pb2.CACHE_STATUS_MISS: 1, common_pb2.CACHE_STATUS_HIT: 19}
     assert len({chunks[0].start.request_id for chunks in answers}) == 20
+
+
+def flights(redis_db: redis.Redis) -> list[Any]:
+    """The single-flight locks held for acme."""
+    return list(redis_db.scan_iter("strata:flight:{t:acme}:*"))
+
+
+def claim_before_admitting(
+    monkeypatch: pytest.MonkeyPatch, redis_db: redis.Redis, then: Any = None
+) -> list[list[Any]]:
+    """Control's admission waits until a single-flight lock is held (the orchestrator sent
+    its claim beside the admission), then decides, or raises `then`. Gives the locks seen."""
+    seen: list[list[Any]] = []
+    admit = AdmissionControl.admit
+
+    async def after_the_claim(self: AdmissionControl, request: Any) -> Any:
+        seen.append(await eventually(lambda: flights(redis_db), timeout_s=5))
+        if then is not None:
+            raise then
+        return await admit(self, request)
+
+    monkeypatch.setattr(AdmissionControl, "admit", after_the_claim)
+    return seen
+
+
+async def acme_known(served: Served, test_keys: ApiKeys, redis_db: redis.Redis) -> None:
+    """One request, so the replica knows acme's key (and looks up beside admissions);
+    its lock is gone once its answer is stored."""
+    await generate(served, test_keys.acme, marked(uuid.uuid4().hex, cache_policy=None))
+    await eventually(lambda: not flights(redis_db))
+
+
+async def test_a_miss_claims_its_single_flight_beside_the_admission(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    upstream: FakeOpenAI,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await acme_known(orchestrator, test_keys, redis_db)
+    seen = claim_before_admitting(monkeypatch, redis_db)
+    marker = uuid.uuid4().hex
+    answer = await generate(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
+    assert answer.cache_status == common_pb2.CACHE_STATUS_MISS and answer.text
+    assert len(seen) == 1 and len(seen[0]) == 1
+    assert len(upstream.calls(marker)) == 1
+    await eventually(lambda: not flights(redis_db))  # ended once the answer is stored
+    monkeypatch.undo()
+    again = await generate(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
+    assert again.cache_status == common_pb2.CACHE_STATUS_HIT and again.text == answer.text
+
+
+async def test_a_refused_request_gives_back_the_claim_it_sent_beside_its_admission(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    upstream: FakeOpenAI,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await acme_known(orchestrator, test_keys, redis_db)
+    claim_before_admitting(monkeypatch, redis_db, then=CostCeilingExceeded(1, 5))
+    marker = uuid.uuid4().hex
+    error = await refused(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
+    assert error.reason == "COST_CEILING_EXCEEDED"
+    # Given back at once, not left to lapse after the lease (10 s): an identical request
+    # does not wait on a call that never ran.
+    await eventually(lambda: not flights(redis_db), timeout_s=2)
+    monkeypatch.undo()
+    answer = await generate(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
+    assert answer.cache_status == common_pb2.CACHE_STATUS_MISS
+    assert len(upstream.calls(marker)) == 1

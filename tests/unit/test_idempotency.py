@@ -22,7 +22,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.common.calls import Deadline
 from services.common.errors import DependencyUnavailable
 from services.common.redis_state import connect
-from services.orchestrator.idempotency import WAITING_FAILURES, IdempotencyStore, SingleFlight
+from services.orchestrator.idempotency import (
+    WAITING_FAILURES,
+    FlightClaim,
+    IdempotencyStore,
+    SingleFlight,
+)
 from strata.orchestrator.v1 import orchestrator_pb2
 
 TIMEOUT_S = 0.1
@@ -132,3 +137,33 @@ async def test_a_single_flight_waiter_that_loses_redis_stops_waiting(
         async with stalled(slow):
             assert await asyncio.wait_for(waiter, 2) is False
         assert redis_db.exists("strata:flight:{t:acme}:k-2")
+
+
+async def withdrawn(flight: SingleFlight, claim: FlightClaim) -> None:
+    giving_back = flight.withdraw(claim)
+    assert giving_back is not None
+    await asyncio.wait_for(giving_back, 2)
+
+
+async def test_a_withdrawn_flight_claim_frees_its_own_lock_only(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    async with client(redis_url) as made:
+        flight = SingleFlight(made)
+        first, second = flight.claim("acme", "k-3"), flight.claim("acme", "k-3")
+        assert await first.leads and not await second.leads
+        await withdrawn(flight, second)
+        assert redis_db.get(first.key) == first.token
+        await withdrawn(flight, first)
+        assert not redis_db.exists(first.key)
+
+
+async def test_a_leader_given_a_claim_holds_that_claim_s_lock_until_it_ends(
+    redis_url: str, redis_db: redis.Redis
+) -> None:
+    async with client(redis_url) as made:
+        flight = SingleFlight(made)
+        claim = flight.claim("acme", "k-4")
+        async with flight.leader("acme", "k-4", Deadline.after(5), claim) as leads:
+            assert leads and redis_db.get(claim.key) == claim.token
+        assert not redis_db.exists(claim.key)
