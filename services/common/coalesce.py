@@ -1,13 +1,18 @@
 """Calls that pile up go together: one call on its way at a time, the rest as one batch.
 
-A call submitted while none is on its way goes at once, alone, in its caller's task: a
-lightly loaded service pays nothing for this. Calls submitted while one is on its way wait
-for it to return and then go together as one batch call (a lone waiter goes alone, in its
-own caller's context, so its trace stays whole). The busier the receiver, the longer a call
-takes and the more calls each batch carries: the per-call cost (a gRPC round trip, its
-server handler, its span) is paid once per batch instead of once per call. Nothing waits on
-a timer. A batch is capped at `max_batch`; a full one goes at once even while another is on
-its way.
+A call submitted while none is on its way goes at once, alone, in its caller's task. Calls
+submitted while one is on its way wait for it to return and then go together as one batch
+call (a lone waiter goes alone, in its own caller's context, so its trace stays whole). The
+busier the receiver, the longer a call takes and the more calls each batch carries: the
+per-call cost (a gRPC round trip, its server handler, its span) is paid once per batch
+instead of once per call. A batch is capped at `max_batch`; a full one goes at once even
+while another is on its way.
+
+With `linger_s`, a call submitted while none is on its way waits that long for others to
+join it instead of going at once, as though a call were on its way: calls that do not need
+to go at once (work after a reply) then go together even at low load, at most one call per
+`linger_s` plus a round trip. `flush()` ends the wait when one of them is needed now, or
+for good when the process stops.
 
 A batch call that fails can be split: when `split(error)` says so (say, the receiver
 refused one entry as invalid, or does not know the batch method), each of its calls goes
@@ -37,9 +42,14 @@ class Coalescer(Generic[_Item, _Result]):
         many: Callable[[list[_Item]], Awaitable[Sequence[_Result]]],
         max_batch: int,
         split: Callable[[BaseException], bool] = lambda _: False,
+        linger_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if linger_s < 0:
+            raise ValueError("linger_s must not be negative")
+        self._linger_s = linger_s
+        self._lingering: asyncio.TimerHandle | None = None
         self._one = one
         self._many = many
         self._max_batch = max_batch
@@ -54,16 +64,32 @@ class Coalescer(Generic[_Item, _Result]):
         """The item's answer (or its error), sent alone or in a batch."""
         if not self._on_the_way:
             self._on_the_way += 1
-            try:
-                return await self._one(item)
-            finally:
-                self._on_the_way -= 1
-                self._pass_on()
+            if self._linger_s:
+                # The wait counts as a call on its way: what comes meanwhile joins this one.
+                self._lingering = asyncio.get_running_loop().call_later(self._linger_s, self.flush)
+            else:
+                try:
+                    return await self._one(item)
+                finally:
+                    self._on_the_way -= 1
+                    self._pass_on()
         future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future, contextvars.copy_context()))
         if len(self._waiting) >= self._max_batch:
             self._pass_on(full=True)
         return await future
+
+    def flush(self, stop: bool = False) -> None:
+        """Sends what waits for the linger now (a no-op when nothing lingers); `stop`: and
+        linger no more (the process is stopping)."""
+        if stop:
+            self._linger_s = 0.0
+        if self._lingering is None:
+            return
+        self._lingering.cancel()
+        self._lingering = None
+        self._on_the_way -= 1
+        self._pass_on()
 
     @property
     def waiting(self) -> int:

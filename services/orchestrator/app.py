@@ -147,6 +147,7 @@ async def build(settings: OrchestratorSettings) -> Service:
         channels["cache"],
         settings.cache_timeout_s,
         admin_token.get_secret_value() if admin_token else None,
+        linger_s=settings.after_reply_linger_s,
     )
     latencies = LatencyTracker()
     router = Router(settings.routes_file, catalog, latencies)
@@ -164,9 +165,14 @@ async def build(settings: OrchestratorSettings) -> Service:
             chunk_tokens=settings.knowledge_chunk_tokens,
             overlap_tokens=settings.knowledge_overlap_tokens,
         )
-    records = RecordStore(client, settings.trace_record_ttl_s)
+    records = RecordStore(
+        client, settings.trace_record_ttl_s, linger_s=settings.after_reply_linger_s
+    )
     control = ControlClient(
-        channels["control"], settings.admit_timeout_s, settings.settle_timeout_s
+        channels["control"],
+        settings.admit_timeout_s,
+        settings.settle_timeout_s,
+        linger_s=settings.after_reply_linger_s,
     )
     executor = ExecutorClient(channels["executor"])
     embeddings = Embeddings(catalog, control, executor)

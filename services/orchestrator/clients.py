@@ -113,7 +113,11 @@ class ControlClient:
     stops, after trying for FLUSH_S more, are lost (logged) and their reservations expire."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, admit_timeout_s: float, settle_timeout_s: float
+        self,
+        channel: grpc.aio.Channel,
+        admit_timeout_s: float,
+        settle_timeout_s: float,
+        linger_s: float = 0.0,
     ) -> None:
         self._stub = control_pb2_grpc.ControlServiceStub(channel)
         self._admit_timeout_s = admit_timeout_s
@@ -121,7 +125,7 @@ class ControlClient:
         self._kept: deque[control_pb2.SettleRequest] = deque()
         self._resending: asyncio.Task[None] | None = None
         self._settling: Coalescer[_Traced[control_pb2.SettleRequest], None] = Coalescer(
-            self._settle_one, self._settle_many, MAX_BATCH, _split_batch
+            self._settle_one, self._settle_many, MAX_BATCH, _split_batch, linger_s
         )
 
     async def admit(
@@ -168,6 +172,11 @@ class ControlClient:
                     return False
                 await asyncio.sleep(0.05 * 4**attempt)
         raise AssertionError("unreachable")
+
+    def flush_settlements(self, stop: bool = False) -> None:
+        """Sends the settlements waiting for others to join them now; `stop`: from now on
+        each goes without waiting (see Coalescer.flush)."""
+        self._settling.flush(stop)
 
     async def _settle_one(self, item: _Traced[control_pb2.SettleRequest]) -> None:
         await self._send(item[0])
@@ -264,14 +273,18 @@ class CacheClient:
     """Lookups and stores, each bounded by the cache timeout."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, timeout_s: float, admin_token: str | None = None
+        self,
+        channel: grpc.aio.Channel,
+        timeout_s: float,
+        admin_token: str | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self._stub = cache_pb2_grpc.CacheServiceStub(channel)
         self._admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
         self._admin_metadata = (("authorization", f"Bearer {admin_token or ''}"),)
         self._timeout_s = timeout_s
         self._storing: Coalescer[_Traced[cache_pb2.StoreRequest], cache_pb2.StoreResponse] = (
-            Coalescer(self._store_one, self._store_many, MAX_BATCH, _split_batch)
+            Coalescer(self._store_one, self._store_many, MAX_BATCH, _split_batch, linger_s)
         )
 
     async def forget_documents(self, tenant_id: str, document_ids: Sequence[str]) -> None:
@@ -312,6 +325,11 @@ class CacheClient:
 
     async def store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
         return await _unary("cache", self._storing.submit((request, otel_context.get_current())))
+
+    def flush_stores(self, stop: bool = False) -> None:
+        """Sends the stores waiting for others to join them now; `stop`: from now on each
+        goes without waiting (see Coalescer.flush)."""
+        self._storing.flush(stop)
 
     async def _store_one(self, item: _Traced[cache_pb2.StoreRequest]) -> cache_pb2.StoreResponse:
         request = item[0]

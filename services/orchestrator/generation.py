@@ -16,8 +16,9 @@ an answer has started, a failure ends the stream. Output guardrails watch a stre
 as it goes and cut it with GUARDRAIL_BLOCKED; a whole answer is checked before it is sent.
 
 When a call completes, its usage is settled (with every attempt, for the circuit breakers)
-and its answer stored right after the reply, side by side, in the background; the single
-flight ends once the answer is stored. A job's run stores and settles before it ends (see
+and its answer stored right after the reply, side by side, in the background, each gathered
+with other requests' into one call (`after_reply_linger_s`); the single flight ends once the
+answer is stored. A job's run stores and settles before it ends (see
 RERUN_IF_CUT). A failed or cancelled call is settled in the background with what it used as
 far as known.
 """
@@ -555,6 +556,7 @@ class Generator:
         if pending is None:
             return None
         # (A store that failed or was cancelled at shutdown is just not there: look anyway.)
+        self._cache.flush_stores()  # needed now: not after the linger
         await asyncio.wait({pending}, timeout=call.deadline.remaining())
         prepared = call.prepared
         again, status = await self._lookup(prepared, call.messages, call.admission.tenant_id)
@@ -720,6 +722,7 @@ class Generator:
             pending = self._unsettled.get(tenant) if tenant else None
             if err.reason not in HELD_BY_SETTLEMENTS or not pending:
                 raise
+        self._control.flush_settlements()  # needed now: not after the linger
         await asyncio.wait(set(pending), timeout=min(SETTLEMENT_WAIT_S, deadline.remaining()))
         return await self._control.admit(admit, deadline)
 
@@ -1087,7 +1090,12 @@ class Generator:
             log.info("cache audit skipped (%s)", err.reason)
 
     async def aclose(self) -> None:
-        """Waits for background settlements to finish."""
+        """Waits for background settlements, stores and records to finish, sending at once
+        those that would wait for others to go with them."""
+        self._control.flush_settlements(stop=True)
+        self._cache.flush_stores(stop=True)
+        if self._records is not None:
+            self._records.flush(stop=True)
         await self._background.drain()
 
 

@@ -36,11 +36,11 @@ def record_key(tenant_id: str, request_id: str) -> str:
 class RecordStore:
     """Stores and reads request records, per tenant."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, linger_s: float = 0.0) -> None:
         self._redis = client
         self._ttl_s = ttl_s
         self._saving: Coalescer[traces_pb2.RequestRecord, None] = Coalescer(
-            self._save_one, self._save_many, MAX_BATCH
+            self._save_one, self._save_many, MAX_BATCH, linger_s=linger_s
         )
 
     async def save(self, record: traces_pb2.RequestRecord) -> None:
@@ -49,6 +49,11 @@ class RecordStore:
             await self._saving.submit(record)
         except (RedisError, OSError) as err:
             log.warning("request record %s not saved (%s)", record.request_id, err)
+
+    def flush(self, stop: bool = False) -> None:
+        """Saves the records waiting for others to join them now; `stop`: from now on each
+        goes without waiting (see Coalescer.flush)."""
+        self._saving.flush(stop)
 
     async def _save_one(self, record: traces_pb2.RequestRecord) -> None:
         await self._set(self._redis, record)

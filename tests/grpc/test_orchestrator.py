@@ -15,7 +15,7 @@ import redis
 from services.cache.answers import AnswerCache
 from services.common.chat import assemble_tool_calls
 from services.executor import tokens
-from services.orchestrator import clients
+from services.orchestrator import clients, generation
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 from strata.control.v1 import admin_pb2, admin_pb2_grpc
@@ -541,12 +541,24 @@ async def test_a_paraphrase_streams_back_from_the_cache_by_meaning(
     assert (await stream(orchestrator, test_keys.acme, opted_out))[0].start.cache_status == MISS
 
 
+@pytest.mark.parametrize("linger_s", [None, 1.0], ids=["default-linger", "long-linger"])
 async def test_a_client_at_its_concurrency_limit_sends_its_next_request_at_once(
-    orchestrator: Served, control: Served, test_keys: ApiKeys, redis_db: redis.Redis
+    start_orchestrator: StartOrchestrator,
+    control: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    linger_s: float | None,
 ) -> None:
     """An answered request holds its reservation until its settlement (after the reply)
     lands; a tenant allowed one request at a time that asks again at once is not refused
-    for the request it was just answered."""
+    for the request it was just answered. A settlement waiting for others to go with it
+    goes at once then: here the wait would outlast the refused request's patience."""
+    if linger_s is not None:
+        monkeypatch.setattr(generation, "SETTLEMENT_WAIT_S", linger_s / 5)
+    orchestrator = await start_orchestrator(
+        **({} if linger_s is None else {"after_reply_linger_s": linger_s})
+    )
     admin = admin_pb2_grpc.ControlAdminServiceStub(control.channel)
     await admin.SetLimits(
         admin_pb2.SetLimitsRequest(

@@ -49,9 +49,15 @@ class Receiver:
         return [item.upper() for item in items]
 
 
-def coalescer(receiver: Receiver, max_batch: int = 100) -> Coalescer[str, str]:
+def coalescer(
+    receiver: Receiver, max_batch: int = 100, linger_s: float = 0.0
+) -> Coalescer[str, str]:
     return Coalescer(
-        receiver.one, receiver.many, max_batch, split=lambda err: isinstance(err, Refused)
+        receiver.one,
+        receiver.many,
+        max_batch,
+        split=lambda err: isinstance(err, Refused),
+        linger_s=linger_s,
     )
 
 
@@ -192,3 +198,42 @@ async def test_a_batch_answered_short_fails_each_call_and_does_not_wedge() -> No
         with pytest.raises(RuntimeError, match="1 answers to a batch of 2"):
             await task
     assert await send.submit("d") == "D"
+
+
+async def test_with_a_linger_calls_submitted_within_it_go_as_one_batch_when_it_ends() -> None:
+    receiver = Receiver()
+    send = coalescer(receiver, linger_s=0.05)
+    first, second = await submitted(send, "a"), await submitted(send, "b")
+    await asyncio.sleep(0.01)
+    assert receiver.calls == []  # still lingering
+    assert await first == "A" and await second == "B"
+    assert receiver.calls == [["a", "b"]]
+    # Then a call alone lingers too, and goes alone in its submitter's context.
+    assert await (await submitted(send, "c", who="carol")) == "C"
+    assert receiver.calls[-1] == ["c"] and receiver.contexts[-1] == "carol"
+
+
+async def test_a_flush_ends_the_linger_at_once() -> None:
+    receiver = Receiver()
+    send = coalescer(receiver, linger_s=60)
+    first, second = await submitted(send, "a"), await submitted(send, "b")
+    send.flush()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == ["A", "B"]
+    assert receiver.calls == [["a", "b"]]
+    send.flush()  # nothing lingers: nothing to do
+    third = await submitted(send, "c")
+    send.flush()
+    assert await asyncio.wait_for(third, 2) == "C"
+
+
+async def test_a_batch_that_fills_while_lingering_goes_at_once() -> None:
+    receiver = Receiver()
+    send = coalescer(receiver, max_batch=2, linger_s=60)
+    first, second = await submitted(send, "a"), await submitted(send, "b")
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == ["A", "B"]
+    third = await submitted(send, "c")
+    await asyncio.sleep(0.01)
+    assert not third.done()  # the linger started before the full batch still runs
+    send.flush()
+    assert await asyncio.wait_for(third, 2) == "C"
+    assert receiver.calls == [["a", "b"], ["c"]]
