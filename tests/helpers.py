@@ -188,10 +188,10 @@ def handed_over(monkeypatch: pytest.MonkeyPatch, kind: type) -> list[Any]:
     handed: list[Any] = []
     submit = Coalescer.submit
 
-    async def counted(self: Coalescer[Any, Any], item: Any) -> Any:
+    async def counted(self: Coalescer[Any, Any], item: Any, at_once: bool = False) -> Any:
         if isinstance(item[0], kind):
             handed.append(item[0])
-        return await submit(self, item)
+        return await submit(self, item, at_once)
 
     monkeypatch.setattr(Coalescer, "submit", counted)
     return handed

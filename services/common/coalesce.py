@@ -60,11 +60,12 @@ class Coalescer(Generic[_Item, _Result]):
         self.batches = 0
         """Batch calls made (calls that carried more than one item)."""
 
-    async def submit(self, item: _Item) -> _Result:
-        """The item's answer (or its error), sent alone or in a batch."""
+    async def submit(self, item: _Item, at_once: bool = False) -> _Result:
+        """The item's answer (or its error), sent alone or in a batch. `at_once`: it waits
+        for no linger (calls lingering go with it)."""
         if not self._on_the_way:
             self._on_the_way += 1
-            if self._linger_s:
+            if self._linger_s and not at_once:
                 # The wait counts as a call on its way: what comes meanwhile joins this one.
                 self._lingering = asyncio.get_running_loop().call_later(self._linger_s, self.flush)
             else:
@@ -77,6 +78,8 @@ class Coalescer(Generic[_Item, _Result]):
         self._waiting.append((item, future, contextvars.copy_context()))
         if len(self._waiting) >= self._max_batch:
             self._pass_on(full=True)
+        elif at_once:
+            self.flush()
         return await future
 
     def flush(self, stop: bool = False) -> None:

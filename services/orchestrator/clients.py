@@ -323,8 +323,13 @@ class CacheClient:
             ),
         )
 
-    async def store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
-        return await _unary("cache", self._storing.submit((request, otel_context.get_current())))
+    async def store(
+        self, request: cache_pb2.StoreRequest, at_once: bool = False
+    ) -> cache_pb2.StoreResponse:
+        """Stores an answer; `at_once`: without waiting for others to go with it."""
+        return await _unary(
+            "cache", self._storing.submit((request, otel_context.get_current()), at_once)
+        )
 
     def flush_stores(self, stop: bool = False) -> None:
         """Sends the stores waiting for others to join them now; `stop`: from now on each

@@ -531,7 +531,9 @@ class Generator:
 
         async def store() -> None:
             async with flight:
-                await self._store(call, tally)
+                # Unseen by a lookup (a write-only request), nothing here can wait for it:
+                # it goes without waiting for others, to be found by the next request.
+                await self._store(call, tally, at_once=key is None)
 
         task = self._background.run(store())
         if key is not None:
@@ -911,7 +913,7 @@ class Generator:
             call.prepared.retrieval_degraded,
         )
 
-    async def _store(self, call: _Call, tally: _Tally) -> None:
+    async def _store(self, call: _Call, tally: _Tally, at_once: bool = False) -> None:
         if tally.finish_reason not in _STORABLE or tally.usage is None:
             return
         store = cache_pb2.StoreRequest(
@@ -929,7 +931,7 @@ class Generator:
             store.ttl.CopyFrom(call.prepared.ttl)
         try:
             with _span(semconv.SPAN_CACHE_STORE):
-                await self._cache.store(store)
+                await self._cache.store(store, at_once)
         except StrataError as err:
             log.warning("cache store failed (%s)", err.reason)
 

@@ -237,3 +237,13 @@ async def test_a_batch_that_fills_while_lingering_goes_at_once() -> None:
     send.flush()
     assert await asyncio.wait_for(third, 2) == "C"
     assert receiver.calls == [["a", "b"], ["c"]]
+
+
+async def test_a_call_sent_at_once_waits_for_no_linger_and_takes_the_lingering_along() -> None:
+    receiver = Receiver()
+    send = coalescer(receiver, linger_s=60)
+    assert await asyncio.wait_for(send.submit("a", at_once=True), 2) == "A"
+    lingering = await submitted(send, "b")
+    urgent = send.submit("c", at_once=True)
+    assert await asyncio.wait_for(asyncio.gather(lingering, urgent), 2) == ["B", "C"]
+    assert receiver.calls == [["a"], ["b", "c"]]
