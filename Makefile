@@ -99,7 +99,7 @@ bench-tracing: $(INSTALLED) ## Latency of Generate with traces exported vs not (
 bench-soak: $(INSTALLED) ## RSS of each service over 500k requests (SOAK_ARGS="--requests 20000" for a short run)
 	@$(PY) -m bench.soak $(SOAK_ARGS)
 
-profile: $(INSTALLED) ## py-spy profile of each service under load (PROFILE_ARGS="--concurrency 4 --native")
+profile: $(INSTALLED) ## py-spy profile of each service under load (PROFILE_ARGS="--concurrency 4 --native", or "--perf")
 	@$(PY) -m bench.profile_stack $(PROFILE_ARGS)
 
 node-client: $(NODE_INSTALLED) ## Install the Node.js client's pinned dependencies (clients/node)

@@ -2,7 +2,7 @@
 
     make profile
     .venv/bin/python -m bench.profile_stack [--scenario unary-exact-miss] [--concurrency 4]
-        [--seconds 20] [--rate 100] [--out bench/.work/profile]
+        [--seconds 20] [--rate 100] [--out bench/.work/profile] [--perf]
 
 Starts the local upstream and Strata's four services (each its own process, as in
 `make bench`), drives one scenario of bench/gateway_overhead.py over gRPC at a fixed
@@ -11,6 +11,14 @@ virtualenv of its own under bench/.work/, never a project dependency). Writes, p
 the collapsed stacks (`<service>.txt`, for flamegraph.pl or speedscope), and prints the
 functions with the most samples, counting a function once per stack (inclusive) and where
 the sample was taken (self), so the top of the list says where the time goes.
+
+py-spy reads Python stacks: time spent in C (grpc's Cython layer, the kernel, protobuf) shows
+up as the Python frame that called it, often the event loop's own `Runner.run`, and its
+native mode counts threads blocked in `epoll_wait` as busy. `--perf` samples CPU time
+instead, with Linux perf (`perf record -p`; it needs perf installed and the right to profile
+other processes: root, or kernel.perf_event_paranoid at most 1), and prints each service's
+CPU by shared object (the interpreter, the kernel, grpc, protobuf...) and by symbol;
+`<service>.perf` holds the samples for `perf report -i`.
 """
 
 from __future__ import annotations
@@ -94,7 +102,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--native", action="store_true", help="sample C frames too (grpc core, protobuf, ...)"
     )
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="sample CPU time with Linux perf instead: CPU by shared object and symbol",
+    )
     return parser.parse_args(argv)
+
+
+def perf_report(samples: Path, sort: str, limit: int) -> list[str]:
+    """The top lines of `perf report` of `samples`, sorted by `sort` (dso, or dso,sym)."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(samples), "--stdio", "--quiet", "--sort", sort],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in report.stdout.splitlines() if line.strip()][:limit]
 
 
 async def load(address: str, key: str, args: argparse.Namespace) -> int:
@@ -119,7 +143,10 @@ async def load(address: str, key: str, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    pyspy = ensure_pyspy()
+    if args.perf and shutil.which("perf") is None:
+        print("--perf needs Linux perf (Debian: apt install linux-perf)", file=sys.stderr)
+        return 2
+    pyspy = None if args.perf else ensure_pyspy()
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir = args.out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -131,6 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for part in parts:
                 process = local.services[part].process
                 assert process is not None
+                if pyspy is None:
+                    samples = args.out / f"{part}.perf"
+                    command = [
+                        "perf", "record", "--quiet", "-F", str(args.rate),
+                        "-p", str(process.pid), "-o", str(samples),
+                        "--", "sleep", str(int(args.seconds)),
+                    ]  # fmt: skip
+                    recorders[part] = subprocess.Popen(
+                        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    )
+                    continue
                 command = [
                     str(pyspy), "record", "--pid", str(process.pid), "--rate", str(args.rate),
                     "--duration", str(int(args.seconds)), "--format", "raw",
@@ -160,8 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, err = recorder.communicate(timeout=args.seconds + 60)
             if recorder.returncode != 0:
                 print(
-                    f"    py-spy on {part} failed: {err.decode(errors='replace')}", file=sys.stderr
+                    f"    {'perf' if args.perf else 'py-spy'} on {part} failed: "
+                    f"{err.decode(errors='replace')}",
+                    file=sys.stderr,
                 )
+    if args.perf:
+        for part in parts:
+            samples = args.out / f"{part}.perf"
+            if samples.exists():
+                print(f"\n## {part}: CPU by shared object, then by symbol ({samples})")
+                print("\n".join(perf_report(samples, "dso", 12)))
+                print("\n".join(perf_report(samples, "dso,sym", args.top)))
+        return 0
     for part in parts:
         collapsed = args.out / f"{part}.txt"
         if not collapsed.exists():
