@@ -156,13 +156,14 @@ class ControlClient:
             ),
         )
 
-    async def settle(self, request: control_pb2.SettleRequest) -> bool:
+    async def settle(self, request: control_pb2.SettleRequest, at_once: bool = False) -> bool:
         """Settles, trying again at once on UNAVAILABLE; runs after the client's deadline if
         need be. False: control could not take it now, it is kept and sent again later.
-        Raises the StrataError of a settlement control refused."""
+        Raises the StrataError of a settlement control refused. `at_once`: without waiting
+        for others to go with it (its caller waits for it)."""
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                await self._settling.submit((request, otel_context.get_current()))
+                await self._settling.submit((request, otel_context.get_current()), at_once)
                 return True
             except grpc.aio.AioRpcError as err:
                 if err.code() not in KEEP_CODES:

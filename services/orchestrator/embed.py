@@ -98,7 +98,7 @@ class Embeddings:
         settle.cost.CopyFrom(answer.cost)
         settle.attempts.append(attempt)
         with telemetry.tracer("orchestrator").start_as_current_span(semconv.SPAN_SETTLEMENT):
-            await self._settle(settle)
+            await self._settle(settle, at_once=True)  # the reply waits for it
         return orchestrator_pb2.EmbedResponse(
             request_id=request_id,
             model=answer.model,
@@ -125,9 +125,9 @@ class Embeddings:
         if violations:
             raise RequestInvalid(violations)
 
-    async def _settle(self, request: control_pb2.SettleRequest) -> None:
+    async def _settle(self, request: control_pb2.SettleRequest, at_once: bool = False) -> None:
         try:
-            await self._control.settle(request)
+            await self._control.settle(request, at_once)
         except StrataError as err:
             log.error("settlement refused (%s); the reservation will expire instead", err.reason)
 

@@ -588,3 +588,20 @@ async def test_a_client_at_its_concurrency_limit_sends_its_next_request_at_once(
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert refused and all(rich_error(r).reason == "CONCURRENCY_LIMITED" for r in refused)
     await eventually(lambda: reserved(redis_db, "globex") == 0)
+
+
+async def test_an_embedding_s_settlement_waits_for_no_linger(
+    start_orchestrator: StartOrchestrator, test_keys: ApiKeys, redis_db: redis.Redis
+) -> None:
+    """Embed replies once its usage is settled: that settlement goes at once, where one
+    sent after a reply may wait (here a whole second, past the call's deadline) for others
+    to go with it."""
+    orchestrator = await start_orchestrator(after_reply_linger_s=1.0)
+    embedded = await orchestrator.stub.Embed(
+        orchestrator_pb2.EmbedRequest(model="mock-embed", inputs=["one", "two"]),
+        metadata=bearer(test_keys.acme),
+        timeout=0.75,
+    )
+    assert len(embedded.embeddings) == 2
+    usage = usage_record(redis_db)
+    assert usage["requests"] == 1 and usage["spent"] == embedded.cost.total_usd_micros
