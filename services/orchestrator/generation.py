@@ -82,6 +82,10 @@ SETTLEMENT_WAIT_S = 1.0
 tenant under way before it asks again."""
 HELD_BY_SETTLEMENTS = frozenset({"CONCURRENCY_LIMITED", "RATE_LIMITED", "BUDGET_EXCEEDED"})
 """Refusals that a reservation still held by an answered request can cause."""
+REFUSED_MEMO_S = 1.0
+"""For this long after one of a tenant's admissions was refused, its requests send no
+single-flight claim beside their admission (only once admitted): a tenant refused over and
+over costs Redis no claims and releases for requests that never run."""
 STORED_GRACE_S = 5.0
 """How long after storing an answer in the background an identical request of the same
 replica that misses still waits for that store and looks again (a lookup that began just
@@ -326,6 +330,8 @@ class Generator:
         """Settlements under way, by tenant."""
         self._storing: dict[tuple[str, str], asyncio.Future[None]] = {}
         """Stores after the reply, by tenant and exact key (kept STORED_GRACE_S after)."""
+        self._refused_until: dict[str, float] = {}
+        """Tenants with an admission refused lately, until when (see REFUSED_MEMO_S)."""
 
     async def generate(
         self, request: GenerateRequest, api_key: str, deadline: Deadline, *, stream: bool
@@ -609,7 +615,14 @@ class Generator:
         known = self._tenant_of_key.get(fingerprint) if prepared.reads else None
         predicted = known.tenant_id if known is not None else None
         early = (
-            asyncio.create_task(self._look_ahead(prepared, predicted, prepared.messages))
+            asyncio.create_task(
+                self._look_ahead(
+                    prepared,
+                    predicted,
+                    prepared.messages,
+                    claims=self._refused_until.get(predicted, 0.0) < time.monotonic(),
+                )
+            )
             if predicted
             else None
         )
@@ -637,6 +650,8 @@ class Generator:
                             semconv.ADMISSION_REASON: err.reason,
                         }
                     )
+                    if predicted:
+                        self._refused(predicted)
                     raise
                 span.set_attributes(
                     {
@@ -687,13 +702,15 @@ class Generator:
         prepared: Prepared,
         tenant_id: str,
         messages: Sequence[common_pb2.ChatMessage],
+        claims: bool = True,
     ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus, FlightClaim | None]:
-        """The cache lookup, then, on a miss the call would answer and share, its
-        single-flight claim, sent at once (not waited for)."""
+        """The cache lookup, then (if it `claims`), on a miss the call would answer and
+        share, its single-flight claim, sent at once (not waited for)."""
         found, status = await self._lookup(prepared, messages, tenant_id)
         claim = None
         if (
-            status == common_pb2.CACHE_STATUS_MISS
+            claims
+            and status == common_pb2.CACHE_STATUS_MISS
             and found is not None
             and found.exact_key
             and prepared.writes
@@ -701,6 +718,11 @@ class Generator:
         ):
             claim = self._flight.claim(tenant_id, found.exact_key)
         return found, status, claim
+
+    def _refused(self, tenant_id: str) -> None:
+        if len(self._refused_until) >= TENANT_MEMO_SIZE:
+            self._refused_until.clear()
+        self._refused_until[tenant_id] = time.monotonic() + REFUSED_MEMO_S
 
     def _abandon(self, early: asyncio.Task[Any]) -> None:
         """Drops a look-ahead, withdrawing the claim it made."""

@@ -19,6 +19,7 @@ import redis
 
 from services.common.errors import CostCeilingExceeded
 from services.control.admission import AdmissionControl
+from services.orchestrator.idempotency import SingleFlight
 from strata.common.v1 import common_pb2
 from strata.orchestrator.v1 import orchestrator_pb2
 from tests.conftest import ApiKeys
@@ -322,3 +323,33 @@ async def test_a_refused_request_gives_back_the_claim_it_sent_beside_its_admissi
     answer = await generate(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
     assert answer.cache_status == common_pb2.CACHE_STATUS_MISS
     assert len(upstream.calls(marker)) == 1
+
+
+async def test_a_tenant_refused_lately_sends_no_claim_beside_its_admissions(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tenant refused over and over (past its limits, say) costs Redis no claim and release
+    per request that never runs: after a refusal, its requests claim only once admitted."""
+    await acme_known(orchestrator, test_keys, redis_db)
+    claims: list[str] = []
+    claim = SingleFlight.claim
+
+    def counted(self: SingleFlight, tenant_id: str, exact_key: str) -> Any:
+        claims.append(exact_key)
+        return claim(self, tenant_id, exact_key)
+
+    async def refused_late(self: AdmissionControl, request: Any) -> Any:
+        await asyncio.sleep(0.2)  # the lookup beside it has missed by then
+        raise CostCeilingExceeded(1, 5)
+
+    monkeypatch.setattr(SingleFlight, "claim", counted)
+    monkeypatch.setattr(AdmissionControl, "admit", refused_late)
+    for _ in range(3):
+        request = marked(uuid.uuid4().hex, cache_policy=None)
+        error = await refused(orchestrator, test_keys.acme, request)
+        assert error.reason == "COST_CEILING_EXCEEDED"
+    assert len(claims) <= 1  # the first request's at most (given back)
+    await eventually(lambda: not flights(redis_db), timeout_s=2)
