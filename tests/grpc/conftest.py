@@ -30,6 +30,11 @@ from strata.executor.v1 import executor_pb2_grpc
 from strata.orchestrator.v1 import orchestrator_pb2_grpc
 
 LOCAL: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
+IN_PROCESS: dict[str, Any] = {**LOCAL, "redis_timeout_s": 1.0}
+"""Settings of the services these fixtures run in the test's process. There the four
+services and the test share one event loop: one's burst of CPU (an embedding, a
+collection) delays another's Redis replies, on a busy machine past the 0.25 s meant for a
+process of its own."""
 ADMIN_TOKEN = "test-admin-token"
 
 
@@ -78,7 +83,7 @@ async def control(
         guardrails_file=guardrails_file,
         admin_token=SecretStr(ADMIN_TOKEN),
         sweep_interval_s=0.2,
-        **LOCAL,
+        **IN_PROCESS,
     )
     served = await serve(
         settings, await build_control(settings), control_pb2_grpc.ControlServiceStub
@@ -93,7 +98,7 @@ async def cache(redis_db: redis.Redis, redis_url: str, tmp_path: Path) -> AsyncI
         redis_url=redis_url,
         data_dir=tmp_path / "cache",
         admin_token=SecretStr(ADMIN_TOKEN),
-        **LOCAL,
+        **IN_PROCESS,
     )
     served = await serve(settings, await build_cache(settings), cache_pb2_grpc.CacheServiceStub)
     yield served
@@ -139,11 +144,7 @@ async def start_orchestrator(
             "redis_url": redis_url,
             "data_dir": tmp_path / f"orchestrator-{len(started)}",
             "cache_admin_token": ADMIN_TOKEN,
-            # In process, the four services and the test share one event loop: one's burst
-            # of CPU (an embedding, a collection) delays another's Redis replies, on a busy
-            # machine past the 0.25 s meant for a process of its own.
-            "redis_timeout_s": 1.0,
-            **LOCAL,
+            **IN_PROCESS,
             **overrides,
         }
         settings = OrchestratorSettings(**options)
@@ -187,7 +188,7 @@ async def start_control(
             "guardrails_file": guardrails_file,
             "admin_token": ADMIN_TOKEN,
             "sweep_interval_s": 0.2,
-            **LOCAL,
+            **IN_PROCESS,
             **overrides,
         }
         settings = ControlSettings(**options)
