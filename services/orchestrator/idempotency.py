@@ -71,6 +71,16 @@ async def renew(script: AsyncScript, key: str, token: bytes, lease_ms: int) -> N
             log.warning("could not renew a lease (%s)", err.reason)
 
 
+async def release(script: AsyncScript, key: str, token: bytes, what: str) -> None:
+    """Deletes a lease held as `token` (not another's); one that cannot be deleted now
+    expires (logged as `what`)."""
+    try:
+        with redis_errors():
+            await script(keys=[key], args=[token])
+    except StrataError as err:
+        log.warning("could not end %s (%s); it expires", what, err.reason)
+
+
 def body_hash(request: Any) -> str:
     """A stable hash of a generate request's content, without its request id."""
     fields = json_format.MessageToDict(request, preserving_proto_field_name=True)
@@ -155,11 +165,7 @@ class IdempotencyStore:
 
     async def release(self, tenant_id: str, request_id: str, lease: bytes) -> None:
         """Gives the key back after a failure, so the client's retry runs again."""
-        try:
-            with redis_errors():
-                await self._release(keys=[self._key(tenant_id, request_id)], args=[lease])
-        except StrataError as err:
-            log.warning("could not release idempotency key (%s); it expires", err.reason)
+        await release(self._release, self._key(tenant_id, request_id), lease, "an idempotency key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +229,7 @@ class SingleFlight:
             await self._give_back(claim)
 
     async def _give_back(self, claim: FlightClaim) -> None:
-        try:
-            with redis_errors():
-                await self._release(keys=[claim.key], args=[claim.token])
-        except StrataError as err:
-            log.warning("could not end a single flight (%s); it expires", err.reason)
+        await release(self._release, claim.key, claim.token, "a single flight")
 
     @asynccontextmanager
     async def leader(

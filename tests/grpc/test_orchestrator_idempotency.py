@@ -277,21 +277,23 @@ def claim_before_admitting(
     return seen
 
 
-async def acme_known(served: Served, test_keys: ApiKeys, redis_db: redis.Redis) -> None:
-    """One request, so the replica knows acme's key (and looks up beside admissions);
-    its lock is gone once its answer is stored."""
-    await generate(served, test_keys.acme, marked(uuid.uuid4().hex, cache_policy=None))
+@pytest.fixture
+async def knows_acme(orchestrator: Served, test_keys: ApiKeys, redis_db: redis.Redis) -> Served:
+    """The orchestrator after one request, so it knows acme's key (and looks up beside
+    admissions); that request's lock is gone once its answer is stored."""
+    await generate(orchestrator, test_keys.acme, marked(uuid.uuid4().hex, cache_policy=None))
     await eventually(lambda: not flights(redis_db))
+    return orchestrator
 
 
 async def test_a_miss_claims_its_single_flight_beside_the_admission(
-    orchestrator: Served,
+    knows_acme: Served,
     test_keys: ApiKeys,
     upstream: FakeOpenAI,
     redis_db: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await acme_known(orchestrator, test_keys, redis_db)
+    orchestrator = knows_acme
     seen = claim_before_admitting(monkeypatch, redis_db)
     marker = uuid.uuid4().hex
     answer = await generate(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
@@ -305,13 +307,13 @@ async def test_a_miss_claims_its_single_flight_beside_the_admission(
 
 
 async def test_a_refused_request_gives_back_the_claim_it_sent_beside_its_admission(
-    orchestrator: Served,
+    knows_acme: Served,
     test_keys: ApiKeys,
     upstream: FakeOpenAI,
     redis_db: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await acme_known(orchestrator, test_keys, redis_db)
+    orchestrator = knows_acme
     claim_before_admitting(monkeypatch, redis_db, then=CostCeilingExceeded(1, 5))
     marker = uuid.uuid4().hex
     error = await refused(orchestrator, test_keys.acme, marked(marker, cache_policy=None))
@@ -326,14 +328,14 @@ async def test_a_refused_request_gives_back_the_claim_it_sent_beside_its_admissi
 
 
 async def test_a_tenant_refused_lately_sends_no_claim_beside_its_admissions(
-    orchestrator: Served,
+    knows_acme: Served,
     test_keys: ApiKeys,
     redis_db: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A tenant refused over and over (past its limits, say) costs Redis no claim and release
     per request that never runs: after a refusal, its requests claim only once admitted."""
-    await acme_known(orchestrator, test_keys, redis_db)
+    orchestrator = knows_acme
     claims: list[str] = []
     claim = SingleFlight.claim
 
