@@ -62,6 +62,7 @@ from typing import Any
 import redis.asyncio as redis
 from opentelemetry import trace
 from opentelemetry.metrics import Counter
+from opentelemetry.trace import Span
 
 from services.common import semconv, telemetry
 from services.common.catalog import Catalog, ModelConfig
@@ -208,6 +209,30 @@ class Admission:
     """The request id held this admission already (an admit repeated): another call has it."""
     findings: list[control_pb2.GuardrailFinding] = field(default_factory=list)
     redacted: list[common_pb2.ChatMessage] | None = None
+
+
+@dataclass(slots=True)
+class _Settling:
+    """One settlement on its way to the settle script: what it charges, and to whom."""
+
+    request_id: str
+    tenant_id: str
+    key_id: str
+    team_id: str
+    outcome: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost: int
+    cache_hit: bool
+    admission: int
+    before: Callable[[Any], None] | None = None
+    """Queues commands that go in the same round trip, ahead of it (breaker records,
+    findings), on the first attempt only."""
+    cut: bool = False
+    """The admission's caller never saw it; another call given it since settles it instead."""
+    day: int = 0
+    month: int = 0
 
 
 def finding_protos(verdict: Verdict, text_to_message: Sequence[int] | None) -> list[Any]:
@@ -358,7 +383,7 @@ class AdmissionControl:
                 # breaker probes this call took are its own.
                 await self._release_probes(probes)
                 return
-            await self._apply_settlement(
+            cut = _Settling(
                 request_id,
                 key.tenant_id,
                 key.key_id,
@@ -373,6 +398,7 @@ class AdmissionControl:
                 before=(lambda pipe: self._queue_probe_releases(pipe, probes)) if probes else None,
                 cut=True,
             )
+            await self._apply_settlements([cut])
         except StrataError as err:
             # Not kept for later as other settlements are: by then another call of the
             # request id may hold the admission.
@@ -655,8 +681,9 @@ class AdmissionControl:
         return await self._settle_checked(request)
 
     async def settle_batch(self, entries: Sequence[control_pb2.SettleBatchEntry]) -> list[bool]:
-        """Settles each entry as `settle` would, all at once, each under a span of its own
-        request's trace (linked to the batch's); the batch is checked whole first."""
+        """Settles each entry as `settle` would, all in one Redis round trip, each under a
+        span of its own request's trace (linked to the batch's); the batch is checked whole
+        first."""
         if not 1 <= len(entries) <= MAX_SETTLE_BATCH:
             raise RequestInvalid.field("entries", f"1 to {MAX_SETTLE_BATCH} entries")
         violations: list[FieldViolation] = []
@@ -669,33 +696,30 @@ class AdmissionControl:
             raise RequestInvalid(violations)
         batch = trace.get_current_span().get_span_context()
         links = [trace.Link(batch)] if batch.is_valid else None
-        return list(await asyncio.gather(*(self._settle_entry(e, links) for e in entries)))
-
-    async def _settle_entry(
-        self, entry: control_pb2.SettleBatchEntry, links: list[trace.Link] | None
-    ) -> bool:
-        # Without its request's trace context, the entry's span hangs under the batch's.
-        parent = (
-            telemetry.extract_metadata((("traceparent", entry.traceparent),))
-            if entry.traceparent
-            else None
-        )
-        with telemetry.tracer("control").start_as_current_span(
-            semconv.SPAN_SETTLE_ENTRY,
-            context=parent,
-            links=links,
-            attributes={semconv.REQUEST_ID: entry.settlement.request_id},
-        ):
-            return await self._settle_checked(entry.settlement)
+        spans = [_entry_span(entry, links) for entry in entries]
+        try:
+            return await self._settle_all([entry.settlement for entry in entries])
+        except BaseException as err:
+            for span in spans:
+                telemetry.record_error(span, err)
+            raise
+        finally:
+            for span in spans:
+                span.end()
 
     async def _settle_checked(self, request: control_pb2.SettleRequest) -> bool:
+        return (await self._settle_all([request]))[0]
+
+    async def _settle_all(self, requests: Sequence[control_pb2.SettleRequest]) -> list[bool]:
+        """Settles checked requests in one round trip; while Redis does not answer they are
+        kept and written later (False)."""
         if self._outage.active:
-            return self._defer(request)
+            return [self._defer(request) for request in requests]
         try:
-            applied = await self._settle_now(request)
+            applied = await self._apply_settlements([self._settling(r) for r in requests])
         except DependencyUnavailable:
             self._outage.failed()
-            return self._defer(request)
+            return [self._defer(request) for request in requests]
         self._outage.answered()
         return applied
 
@@ -720,7 +744,7 @@ class AdmissionControl:
         while self._deferred:
             request = self._deferred[0]
             try:
-                await self._settle_now(request)
+                await self._apply_settlements([self._settling(request)])
             except DependencyUnavailable:
                 self._outage.failed()
                 break
@@ -733,7 +757,7 @@ class AdmissionControl:
             log.warning("wrote %d settlements kept while Redis did not answer", written)
         return written
 
-    async def _settle_now(self, request: control_pb2.SettleRequest) -> bool:
+    def _settling(self, request: control_pb2.SettleRequest) -> _Settling:
         def records(pipe: Any) -> None:
             for attempt in request.attempts:
                 model = self._catalog.get(attempt.model)
@@ -756,7 +780,7 @@ class AdmissionControl:
                     request.guardrail_findings,
                 )
 
-        return await self._apply_settlement(
+        return _Settling(
             request.request_id,
             request.tenant_id,
             request.key_id,
@@ -768,84 +792,82 @@ class AdmissionControl:
             request.cost.total_usd_micros,
             request.cache_status == common_pb2.CACHE_STATUS_HIT,
             request.admission,
-            records,
+            records if request.attempts or request.guardrail_findings else None,
         )
 
-    async def _apply_settlement(
-        self,
-        request_id: str,
-        tenant_id: str,
-        key_id: str,
-        team_id: str,
-        outcome: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cost: int,
-        cache_hit: bool,
-        admission: int,
-        before: Callable[[Any], None] | None = None,
-        cut: bool = False,
-    ) -> bool:
-        """Applies the settlement script; `before` queues commands that go in the same round
-        trip, ahead of it (breaker records, findings), on the first attempt only. `cut`: the
-        admission's caller never saw it; another call given it since settles it instead."""
-        names = TenantKeys(tenant_id)
+    async def _apply_settlements(self, settlings: Sequence[_Settling]) -> list[bool]:
+        """Applies the settlement script for each, all in one round trip (a settlement the
+        script sends back for other holders or another period goes again, in the next);
+        True for each this call recorded."""
         day, month = periods()
+        for settling in settlings:
+            settling.day, settling.month = day, month
+        applied = [False] * len(settlings)
+        todo = list(range(len(settlings)))
         for _ in range(3):
+            replies_at: list[int] = []
 
-            def build(
-                pipe: Any,
-                day: int = day,
-                month: int = month,
-                ids: tuple[str, str] = (key_id, team_id),
-                ahead: Callable[[Any], None] | None = before,
-            ) -> None:
-                if ahead is not None:
-                    ahead(pipe)
-                queue_script(
-                    pipe,
-                    self._settle,
-                    [
-                        names.settled(request_id),
-                        names.pending,
-                        names.reservations,
-                        names.reserved,
-                        names.expired,
-                        names.policy,
-                        names.rate("key", ids[0], "tok"),
-                        names.rate("tenant", "", "tok"),
-                        *names.usage_keys(ids[1], ids[0], day, month),
-                    ],
-                    [
-                        request_id,
-                        ids[0],
-                        ids[1],
-                        day,
-                        month,
-                        input_tokens,
-                        output_tokens,
-                        cost,
-                        outcome,
-                        int(cache_hit),
-                        model,
-                        self._settlement_ttl_s,
-                        admission,
-                        int(cut),
-                    ],
-                )
+            def build(pipe: Any, todo: list[int] = todo, at: list[int] = replies_at) -> None:
+                at.clear()  # built again when Redis lost the scripts
+                for i in todo:
+                    self._queue_settlement(pipe, settlings[i])
+                    at.append(len(pipe) - 1)
 
-            result = (await run_pipeline(self._redis, build, self._scripts))[-1]
-            before = None
-            if result[0] == -2:
-                # The reservation belongs to another key or team than the call said: charge
-                # the holders the money was reserved for.
-                key_id, team_id = _text(result[1]), _text(result[2])
-                continue
-            if result[0] != -1:
-                return bool(result[0])
-            day, month = int(result[1]), int(result[2])
+            replies = await run_pipeline(self._redis, build, self._scripts)
+            again: list[int] = []
+            for i, at in zip(todo, replies_at, strict=True):
+                settling, result = settlings[i], replies[at]
+                settling.before = None  # breaker records and findings went the first time
+                if result[0] == -2:
+                    # The reservation belongs to another key or team than the call said:
+                    # charge the holders the money was reserved for.
+                    settling.key_id, settling.team_id = _text(result[1]), _text(result[2])
+                    again.append(i)
+                elif result[0] == -1:
+                    settling.day, settling.month = int(result[1]), int(result[2])
+                    again.append(i)
+                else:
+                    applied[i] = bool(result[0])
+            if not again:
+                return applied
+            todo = again
         raise StrataError("the settlement kept changing under the call")
+
+    def _queue_settlement(self, pipe: Any, s: _Settling) -> None:
+        if s.before is not None:
+            s.before(pipe)
+        names = TenantKeys(s.tenant_id)
+        queue_script(
+            pipe,
+            self._settle,
+            [
+                names.settled(s.request_id),
+                names.pending,
+                names.reservations,
+                names.reserved,
+                names.expired,
+                names.policy,
+                names.rate("key", s.key_id, "tok"),
+                names.rate("tenant", "", "tok"),
+                *names.usage_keys(s.team_id, s.key_id, s.day, s.month),
+            ],
+            [
+                s.request_id,
+                s.key_id,
+                s.team_id,
+                s.day,
+                s.month,
+                s.input_tokens,
+                s.output_tokens,
+                s.cost,
+                s.outcome,
+                int(s.cache_hit),
+                s.model,
+                self._settlement_ttl_s,
+                s.admission,
+                int(s.cut),
+            ],
+        )
 
     # --- expiry ----------------------------------------------------------------------
 
@@ -959,6 +981,21 @@ def _add_findings(
             approximate=True,
         )
     pipe.expire(stream, 30 * 86400)
+
+
+def _entry_span(entry: control_pb2.SettleBatchEntry, links: list[trace.Link] | None) -> Span:
+    """A batch entry's span, under its own request's trace (under the batch's without it)."""
+    parent = (
+        telemetry.extract_metadata((("traceparent", entry.traceparent),))
+        if entry.traceparent
+        else None
+    )
+    return telemetry.tracer("control").start_span(
+        semconv.SPAN_SETTLE_ENTRY,
+        context=parent,
+        links=links,
+        attributes={semconv.REQUEST_ID: entry.settlement.request_id},
+    )
 
 
 def _breaker_args(model: ModelConfig) -> list[float]:

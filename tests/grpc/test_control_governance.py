@@ -21,6 +21,8 @@ import redis
 import yaml
 
 from services.common.catalog import ModelConfig, load_catalog
+from services.common.redis_state import run_pipeline
+from services.control import admission
 from services.control.admission import periods
 from services.control.keys import new_key
 from strata.common.v1 import common_pb2
@@ -827,6 +829,46 @@ async def test_settle_without_team_id_still_charges_the_keys_team(
 
     assert usage_of(redis_db, "acme", "key:k1")["spent"] == 500
     assert usage_of(redis_db, "acme", "team:search").get("spent") == 500
+
+
+async def test_a_settle_batch_settles_every_tenant_in_one_redis_round_trip(
+    govern: Govern, gov_models: Path, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, keys = await govern(
+        {
+            "acme": {"teams": {"search": {}}, "keys": [{"id": "k1", "team": "search"}]},
+            "globex": {"keys": [{"id": "g1"}]},
+        }
+    )
+    needed = model(gov_models, "gov-primary").breaker.consecutive_failures
+    batch = control_pb2.SettleBatchRequest()
+    for key, cost in [("k1", 500)] + [("g1", 30)] * (needed - 2):
+        request = admit_request(keys[key], "gov-primary")
+        admitted = await served.stub.Admit(request)
+        entry = batch.entries.add()
+        entry.settlement.CopyFrom(
+            settle_request(admitted, request.request_id, cost, attempts=[failed("gov-primary")])
+        )
+    # Without its team, acme's entry goes again once Redis names the holders: its breaker
+    # record must not.
+    batch.entries[0].settlement.ClearField("team_id")
+    pipelines: list[int] = []
+
+    async def counted(client: Any, build: Callable[[Any], None], scripts: Any) -> list[Any]:
+        pipelines.append(1)
+        return await run_pipeline(client, build, scripts)
+
+    monkeypatch.setattr(admission, "run_pipeline", counted)
+
+    reply = await served.stub.SettleBatch(batch)
+
+    assert list(reply.applied) == [True] * (needed - 1)
+    assert len(pipelines) == 2  # every entry, then acme's again for its team
+    assert usage_of(redis_db, "acme", "team:search")["spent"] == 500
+    assert usage_of(redis_db, "globex", "tenant")["spent"] == 30 * (needed - 2)
+    assert int(redis_db.hget("strata:{m:gov-primary}:breaker", "consecutive") or 0) == needed - 1
+    assert_nothing_held(redis_db, "acme")
+    assert_nothing_held(redis_db, "globex")
 
 
 # --- guardrails -----------------------------------------------------------------------------
