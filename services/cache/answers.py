@@ -258,74 +258,12 @@ class AnswerCache:
 
     async def store(self, request: cache_pb2.StoreRequest) -> str:
         """Stores the answer (Redis and the vector index); returns the entry id."""
-        scope, messages = request.scope, request.messages
         check_store(request)
-        ttl_s = self._policy.default_ttl_s
-        if request.HasField("ttl"):
-            ttl_s = request.ttl.ToSeconds()
-            if ttl_s <= 0:
-                raise RequestInvalid.field("ttl", "must be at least one second")
-        ttl_s = min(ttl_s, self._policy.max_ttl_s)
-        answer = cache_pb2.CachedAnswer()
-        answer.CopyFrom(request.answer)
-        answer.create_time.GetCurrentTime()
-        body = answer.SerializeToString()
-        tenant = scope.tenant_id
-        digest = entry_id(scope, messages)
-        now = time.time()
-        entries, sizes = _entries_key(tenant), _sizes_key(tenant)
-        with self._answers():
-            held: Any = await run_pipeline(
-                self._redis,
-                lambda pipe: queue_script(
-                    pipe,
-                    self._store_script,
-                    [redis_key(tenant, digest), entries, sizes],
-                    [body, math.ceil(ttl_s), digest, now],
-                ),
-                [self._store_script],
-            )
-        count, total = (int(n) for n in held[0])
-        self._stats.count(tenant, "stores")
-
-        turn = self._semantic_turn(request)
-        if turn is not None:
-            query = guards.normalize(messages[turn].content)
-            try:
-                async with asyncio.timeout(self._policy.semantic_timeout_s):
-                    await self._index.upsert(
-                        [
-                            Entry(
-                                id=point_id(tenant, digest),
-                                vector=await self._vector(query),
-                                scope=semantic_scope(scope, messages, turn),
-                                tenant=tenant,
-                                model=scope.model,
-                                digest=digest,
-                                query=query,
-                                created_at=now,
-                                expires_at=now + ttl_s,
-                                doc_ids=tuple(sorted({d.id for d in scope.documents})),
-                            )
-                        ]
-                    )
-            except SEMANTIC_FAULTS as err:
-                log.warning("vector index store failed (%s); exact reuse only", _fault(err))
-                self._stats.count(tenant, "semantic_failures")
-        if count > self._policy.max_entries_per_tenant or total > self._policy.max_bytes_per_tenant:
-            await self._enforce_caps(tenant)
-        return digest
-
-    def _semantic_turn(self, request: cache_pb2.StoreRequest) -> int | None:
-        """The turn whose meaning indexes the answer; None when it is kept for exact reuse
-        only. An answer made with reuse by meaning turned off is embedded nowhere (an
-        exact-only route pays for no model)."""
-        if not self._policy.semantic_enabled or request.scope.semantic.disabled:
-            return None
-        return last_user_turn(request.messages)
+        return (await self._store_all([request]))[0]
 
     async def store_batch(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
-        """Stores many answers; their questions are embedded in batches first."""
+        """Stores many answers as `store` would: their questions are embedded in batches
+        first, then all go to Redis in one round trip and to the vector index in one upsert."""
         if not 1 <= len(requests) <= MAX_BATCH:
             raise RequestInvalid.field("entries", f"1 to {MAX_BATCH} entries")
         for i, request in enumerate(requests):
@@ -339,7 +277,95 @@ class AnswerCache:
         if missing:
             for query, vector in zip(missing, await self._embedder.embed(missing), strict=True):
                 self._remember(query, vector)
-        return list(await asyncio.gather(*(self.store(request) for request in requests)))
+        return await self._store_all(requests)
+
+    async def _store_all(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
+        now = time.time()
+        bodies, digests, ttls = [], [], []
+        for request in requests:
+            ttl_s = self._policy.default_ttl_s
+            if request.HasField("ttl"):
+                ttl_s = request.ttl.ToSeconds()  # at least one (checked)
+            ttls.append(min(ttl_s, self._policy.max_ttl_s))
+            answer = cache_pb2.CachedAnswer()
+            answer.CopyFrom(request.answer)
+            answer.create_time.GetCurrentTime()
+            bodies.append(answer.SerializeToString())
+            digests.append(entry_id(request.scope, request.messages))
+
+        def build(pipe: Any) -> None:
+            for request, body, digest, ttl_s in zip(requests, bodies, digests, ttls, strict=True):
+                tenant = request.scope.tenant_id
+                queue_script(
+                    pipe,
+                    self._store_script,
+                    [redis_key(tenant, digest), _entries_key(tenant), _sizes_key(tenant)],
+                    [body, math.ceil(ttl_s), digest, now],
+                )
+
+        with self._answers():
+            held: list[Any] = await run_pipeline(self._redis, build, [self._store_script])
+        over: set[str] = set()
+        caps = (self._policy.max_entries_per_tenant, self._policy.max_bytes_per_tenant)
+        for request, (count, total) in zip(requests, held, strict=True):
+            tenant = request.scope.tenant_id
+            self._stats.count(tenant, "stores")
+            if int(count) > caps[0] or int(total) > caps[1]:
+                over.add(tenant)
+        await self._index_all(requests, digests, ttls, now)
+        for tenant in over:
+            await self._enforce_caps(tenant)
+        return digests
+
+    async def _index_all(
+        self,
+        requests: Sequence[cache_pb2.StoreRequest],
+        digests: Sequence[str],
+        ttls: Sequence[float],
+        now: float,
+    ) -> None:
+        """Indexes by meaning, in one upsert, each stored answer that is reused so."""
+        indexed = [
+            (request, digest, ttl_s, turn)
+            for request, digest, ttl_s in zip(requests, digests, ttls, strict=True)
+            if (turn := self._semantic_turn(request)) is not None
+        ]
+        if not indexed:
+            return
+        try:
+            async with asyncio.timeout(self._policy.semantic_timeout_s):
+                entries = []
+                for request, digest, ttl_s, turn in indexed:
+                    scope, messages = request.scope, request.messages
+                    query = guards.normalize(messages[turn].content)
+                    entries.append(
+                        Entry(
+                            id=point_id(scope.tenant_id, digest),
+                            vector=await self._vector(query),
+                            scope=semantic_scope(scope, messages, turn),
+                            tenant=scope.tenant_id,
+                            model=scope.model,
+                            digest=digest,
+                            query=query,
+                            created_at=now,
+                            expires_at=now + ttl_s,
+                            doc_ids=tuple(sorted({d.id for d in scope.documents})),
+                        )
+                    )
+                # An answer stored twice in the batch is one point: the later one.
+                await self._index.upsert(list({e.id: e for e in entries}.values()))
+        except SEMANTIC_FAULTS as err:
+            log.warning("vector index store failed (%s); exact reuse only", _fault(err))
+            for request, *_ in indexed:
+                self._stats.count(request.scope.tenant_id, "semantic_failures")
+
+    def _semantic_turn(self, request: cache_pb2.StoreRequest) -> int | None:
+        """The turn whose meaning indexes the answer; None when it is kept for exact reuse
+        only. An answer made with reuse by meaning turned off is embedded nowhere (an
+        exact-only route pays for no model)."""
+        if not self._policy.semantic_enabled or request.scope.semantic.disabled:
+            return None
+        return last_user_turn(request.messages)
 
     async def _enforce_caps(self, tenant: str) -> None:
         """Evicts the tenant's oldest entries while it is over its entry or byte cap."""

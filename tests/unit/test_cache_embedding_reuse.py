@@ -6,17 +6,19 @@ behind a gate that holds its inference."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from services.cache import answers as answers_module
 from services.cache.answers import AnswerCache, CachePolicy
 from services.cache.stats import CacheStats
-from services.cache.vectors import EdgeIndex
+from services.cache.vectors import EdgeIndex, Entry
 from services.common.embeddings import LocalEmbedder
-from services.common.redis_state import connect
+from services.common.redis_state import connect, run_pipeline
 from strata.cache.v1 import cache_pb2
 from strata.common.v1 import common_pb2
 from tests.helpers import user
@@ -136,3 +138,42 @@ async def test_a_batch_embeds_only_the_answers_kept_for_reuse_by_meaning(
             cache_pb2.LookupRequest(scope=entry.scope, messages=entry.messages)
         )
         assert found.match == common_pb2.CACHE_MATCH_EXACT
+
+
+async def test_a_batch_goes_to_redis_in_one_round_trip_and_to_the_index_in_one_upsert(
+    answers: AnswerCache, gated: GatedEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gated.open.set()
+    pipelines: list[int] = []
+    upserts: list[list[str]] = []
+    upsert = EdgeIndex.upsert
+
+    async def counted(client: Any, build: Callable[[Any], None], scripts: Any) -> list[Any]:
+        pipelines.append(1)
+        return await run_pipeline(client, build, scripts)
+
+    async def seen(self: EdgeIndex, entries: Sequence[Entry]) -> None:
+        upserts.append([entry.query for entry in entries])
+        await upsert(self, entries)
+
+    monkeypatch.setattr(answers_module, "run_pipeline", counted)
+    monkeypatch.setattr(EdgeIndex, "upsert", seen)
+    globex = store("Where is my parcel?")
+    globex.scope.tenant_id = "globex"
+    entries = [store("How do I reset my password?"), globex, store("How do I reset my password?")]
+
+    stored = await answers.store_batch(entries)
+
+    assert stored[0] == stored[2] != stored[1]
+    assert len(pipelines) == 1
+    # The answer stored twice is one point.
+    assert upserts == [["How do I reset my password?", "Where is my parcel?"]]
+    for entry in entries:
+        found = await answers.lookup(
+            cache_pb2.LookupRequest(scope=entry.scope, messages=entry.messages)
+        )
+        assert found.match == common_pb2.CACHE_MATCH_EXACT
+    paraphrase = await answers.lookup(lookup("How can I reset my password?"))
+    assert paraphrase.match == common_pb2.CACHE_MATCH_SEMANTIC
+    elsewhere = lookup("Where is my parcel?")  # acme's scope: globex's answer is not acme's
+    assert (await answers.lookup(elsewhere)).match == common_pb2.CACHE_MATCH_UNSPECIFIED
