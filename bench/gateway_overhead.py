@@ -956,6 +956,7 @@ class Connections:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = datetime.datetime.now(datetime.UTC)
+    commit = git_commit()  # before the run rewrites the chart beside the results
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
     WORK.mkdir(parents=True, exist_ok=True)
     unavailable: dict[str, str] = {}
@@ -1056,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": f"{started_at:%Y-%m-%d %H:%M} UTC",
         "machine": f"{procs.machine()}; {platform.platform()}",
         "python": platform.python_version(),
-        "commit": git_commit(),
+        "commit": commit,
         "command": " ".join(["python -m bench.gateway_overhead", *(argv or sys.argv[1:])]),
         "settings": (
             f"concurrency {args.concurrency}, {args.requests} requests per target per round, "
