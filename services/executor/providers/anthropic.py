@@ -356,6 +356,7 @@ class AnthropicProvider:
         headers = {"x-api-key": key} if key else {}
         headers["anthropic-version"] = config.api_version
         self._client = http.pooled_client(config, headers, transport)
+        self._messages = http.endpoint(self._client, "messages")
 
     def messages_body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
         """The JSON body of a Messages call."""
@@ -389,7 +390,7 @@ class AnthropicProvider:
         try:
             async with self._client.stream(
                 "POST",
-                "messages",
+                self._messages,
                 json=self.messages_body(request, stream=True),
                 headers={**request.model.headers, **http.SSE_HEADERS},
                 timeout=http.timeout(request.model, request.deadline),
@@ -415,7 +416,7 @@ class AnthropicProvider:
     async def complete(self, request: ProviderRequest) -> Completion:
         try:
             response = await self._client.post(
-                "messages",
+                self._messages,
                 json=self.messages_body(request, stream=False),
                 headers=request.model.headers,
                 timeout=http.timeout(request.model, request.deadline),

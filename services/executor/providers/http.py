@@ -101,6 +101,13 @@ def pooled_client(
     )
 
 
+def endpoint(client: httpx.AsyncClient, path: str) -> httpx.URL:
+    """`path` under the client's base URL, as httpx would merge it on every call: merged once
+    per provider instead (httpx parses and merges a relative URL each time)."""
+    base = client.base_url
+    return base.copy_with(raw_path=base.raw_path + path.encode("ascii"))
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's transport interface over one aiohttp session (HTTP/1.1, pooled keep-alive).
 

@@ -212,6 +212,8 @@ class OpenAICompatibleProvider:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         headers.update(self.extra_headers(config))
         self._client = http.pooled_client(config, headers, transport)
+        self._chat = http.endpoint(self._client, "chat/completions")
+        self._embeddings = http.endpoint(self._client, "embeddings")
 
     def extra_headers(
         self, config: OpenAICompatibleProviderConfig | OpenAIProviderConfig
@@ -247,7 +249,7 @@ class OpenAICompatibleProvider:
         try:
             async with self._client.stream(
                 "POST",
-                "chat/completions",
+                self._chat,
                 json=self.chat_body(request, stream=True),
                 headers={**request.model.headers, **http.SSE_HEADERS},
                 timeout=http.timeout(request.model, request.deadline),
@@ -275,7 +277,7 @@ class OpenAICompatibleProvider:
     async def complete(self, request: ProviderRequest) -> Completion:
         try:
             response = await self._client.post(
-                "chat/completions",
+                self._chat,
                 json=self.chat_body(request, stream=False),
                 headers=request.model.headers,
                 timeout=http.timeout(request.model, request.deadline),
@@ -328,7 +330,7 @@ class OpenAICompatibleProvider:
             body["dimensions"] = model.dimensions
         try:
             response = await self._client.post(
-                "embeddings",
+                self._embeddings,
                 json=body,
                 headers=model.headers,
                 timeout=http.timeout(model, deadline),
