@@ -356,7 +356,7 @@ class AnthropicProvider:
         headers = {"x-api-key": key} if key else {}
         headers["anthropic-version"] = config.api_version
         self._client = http.pooled_client(config, headers, transport)
-        self._messages = http.endpoint(self._client, "messages")
+        self._messages = self._client.endpoint("messages")
 
     def messages_body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
         """The JSON body of a Messages call."""
@@ -389,11 +389,10 @@ class AnthropicProvider:
         accepted = False
         try:
             async with self._client.stream(
-                "POST",
                 self._messages,
                 json=self.messages_body(request, stream=True),
                 headers={**request.model.headers, **http.SSE_HEADERS},
-                timeout=http.timeout(request.model, request.deadline),
+                timeouts=http.timeout(request.model, request.deadline),
             ) as response:
                 if response.status_code != 200:
                     raise http.status_error(self.name, response, await response.aread())
@@ -419,7 +418,7 @@ class AnthropicProvider:
                 self._messages,
                 json=self.messages_body(request, stream=False),
                 headers=request.model.headers,
-                timeout=http.timeout(request.model, request.deadline),
+                timeouts=http.timeout(request.model, request.deadline),
             )
         except httpx.HTTPError as err:
             raise http.transport_error(self.name, err) from err

@@ -212,8 +212,8 @@ class OpenAICompatibleProvider:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         headers.update(self.extra_headers(config))
         self._client = http.pooled_client(config, headers, transport)
-        self._chat = http.endpoint(self._client, "chat/completions")
-        self._embeddings = http.endpoint(self._client, "embeddings")
+        self._chat = self._client.endpoint("chat/completions")
+        self._embeddings = self._client.endpoint("embeddings")
 
     def extra_headers(
         self, config: OpenAICompatibleProviderConfig | OpenAIProviderConfig
@@ -248,11 +248,10 @@ class OpenAICompatibleProvider:
         accepted = False
         try:
             async with self._client.stream(
-                "POST",
                 self._chat,
                 json=self.chat_body(request, stream=True),
                 headers={**request.model.headers, **http.SSE_HEADERS},
-                timeout=http.timeout(request.model, request.deadline),
+                timeouts=http.timeout(request.model, request.deadline),
             ) as response:
                 if response.status_code != 200:
                     raise http.status_error(self.name, response, await response.aread())
@@ -280,7 +279,7 @@ class OpenAICompatibleProvider:
                 self._chat,
                 json=self.chat_body(request, stream=False),
                 headers=request.model.headers,
-                timeout=http.timeout(request.model, request.deadline),
+                timeouts=http.timeout(request.model, request.deadline),
             )
         except httpx.HTTPError as err:
             raise http.transport_error(self.name, err) from err
@@ -333,7 +332,7 @@ class OpenAICompatibleProvider:
                 self._embeddings,
                 json=body,
                 headers=model.headers,
-                timeout=http.timeout(model, deadline),
+                timeouts=http.timeout(model, deadline),
             )
         except httpx.HTTPError as err:
             raise http.transport_error(self.name, err) from err
