@@ -174,9 +174,8 @@ class FlightClaim:
     admission). Hand it to `SingleFlight.leader`, or give it back with
     `SingleFlight.withdraw`."""
 
-    tenant_id: str
-    exact_key: str
     key: str
+    """The lock's Redis key (its tenant and exact key)."""
     token: bytes
     leads: asyncio.Future[bool]
     """Whether the claim took the lock (True too when Redis did not answer)."""
@@ -197,7 +196,7 @@ class SingleFlight:
         key = f"strata:flight:{{t:{tenant_id}}}:{exact_key}"
         token = uuid.uuid4().hex.encode()
         leads = asyncio.ensure_future(self._take(key, token))
-        return FlightClaim(tenant_id, exact_key, key, token, leads)
+        return FlightClaim(key, token, leads)
 
     async def _take(self, key: str, token: bytes) -> bool:
         try:
