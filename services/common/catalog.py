@@ -68,8 +68,15 @@ class _HttpProviderConfig(_ProviderBase):
     """A pooled connection idle this long is closed. Keep it below the upstream's keep-alive
     (5 s in uvicorn, hence vLLM and most Python servers): a request sent on a connection
     the server is closing at that moment fails as the provider unavailable."""
-    http2: bool = True
-    """Use HTTP/2 where the upstream offers it (TLS with ALPN); HTTP/1.1 otherwise."""
+    http2: bool = False
+    """Offer HTTP/2 to a TLS upstream (ALPN). Off by default, as in OpenAI's own SDK: httpx's
+    HTTP/2 (httpcore, h2) costs two to three times the CPU of HTTP/1.1 per call, and fails
+    calls in flight, streams midway included, when the upstream retires a connection (a
+    GOAWAY after its quota of requests, 1,000 in nginx and hypercorn). See
+    bench/RESULTS.md (`python -m bench.provider_http`)."""
+    ca_file: Path | None = None
+    """PEM file of the certificate authorities this provider's TLS certificate is checked
+    against (a private CA), instead of the public ones; read at start-up."""
 
 
 class OpenAICompatibleProviderConfig(_HttpProviderConfig):

@@ -1,10 +1,10 @@
 """What the HTTP providers share: their pooled client, credentials, timeouts, error mapping.
 
-The pooled client is httpx's. Over HTTP/1.1 it sends through `AiohttpTransport`, httpx's
-transport interface over an aiohttp session: aiohttp parses responses in C, where httpx's
-own transport (httpcore, h11) parses them in Python, and an exchange costs the executor
-about half the CPU (see bench/RESULTS.md). HTTP/2, which only TLS upstreams offer, keeps
-httpx's own transport.
+The pooled client is httpx's. Over HTTP/1.1, plain or TLS, it sends through
+`AiohttpTransport`, httpx's transport interface over an aiohttp session: aiohttp parses
+responses in C, where httpx's own transport (httpcore, h11) parses them in Python, and an
+exchange costs the executor about half the CPU (see bench/RESULTS.md). HTTP/2 (`http2`, off
+by default), which only TLS upstreams offer, keeps httpx's own transport.
 
 Error mapping is the one place an upstream HTTP failure becomes a Strata reason. The
 provider's body is read to classify the failure (its error code or type, whether it speaks
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 
 from services.common.calls import Deadline
 from services.common.catalog import HttpProviderConfig, ModelConfig
@@ -44,6 +47,9 @@ from services.common.errors import (
 )
 from services.common.settings import ConfigError
 from services.executor.providers.base import Content, coalesced
+
+_Proxy = tuple[yarl.URL | None, aiohttp.BasicAuth | None]
+"""A proxy for an origin (none: None) and its credentials."""
 
 MAX_ERROR_BODY = 64 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -92,8 +98,9 @@ def pooled_client(
     )
     # HTTP/2 is negotiated in the TLS handshake (ALPN): a plaintext upstream speaks HTTP/1.1.
     http2 = config.http2 and config.base_url.startswith("https:")
+    tls = tls_context(config)
     if transport is None and not http2:
-        transport = AiohttpTransport(limits)
+        transport = AiohttpTransport(limits, tls)
     client = httpx.AsyncClient(
         base_url=config.base_url.rstrip("/") + "/",
         headers={"user-agent": "strata-executor", **config.headers, **headers},
@@ -102,9 +109,21 @@ def pooled_client(
         cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
         limits=limits,
         http2=http2,
+        verify=tls,
         transport=transport,
     )
     return Upstream(client, transport)
+
+
+def tls_context(config: HttpProviderConfig) -> ssl.SSLContext:
+    """What the provider's certificate is checked against: its `ca_file`, or the public
+    authorities (certifi's, or those SSL_CERT_FILE or SSL_CERT_DIR name, as httpx reads them)."""
+    if config.ca_file is None:
+        return httpx.create_ssl_context()
+    try:
+        return ssl.create_default_context(cafile=str(config.ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load ca_file {config.ca_file}: {err}") from err
 
 
 class Upstream:
@@ -173,22 +192,27 @@ class Upstream:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's transport interface over one aiohttp session (HTTP/1.1, pooled keep-alive).
 
+    A proxy named in the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY; read as aiohttp
+    reads them) is used, as httpx's client would: looked up once per origin, not per call.
+
     aiohttp's failures become the httpx exceptions httpx's own transport raises for the same
     fault, so `transport_error` and the providers see one family: a timeout is a
     `TimeoutException`, anything else a `TransportError`. A response read to its end gives
     its connection back to the pool; one closed early closes it, so the upstream sees the
     caller leave and stops generating."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, tls: ssl.SSLContext | None = None) -> None:
         self._limits = limits
+        self._tls = tls or httpx.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str, int | None], _Proxy] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use (it belongs to the running event loop)."""
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=httpx.create_ssl_context(),
+            ssl=self._tls,
         )
         # No cookie jar, no automatic decompression: httpx's client decodes the body.
         self._session = aiohttp.ClientSession(
@@ -199,9 +223,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return self._session
 
+    def _proxy(self, url: httpx.URL) -> _Proxy:
+        origin = (url.scheme, url.host, url.port)
+        proxy = self._proxies.get(origin)
+        if proxy is None:
+            try:
+                proxy = get_env_proxy_for_url(yarl.URL(str(url)))
+            except LookupError:
+                proxy = (None, None)
+            self._proxies[origin] = proxy
+        return proxy
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         timeouts = request.extensions.get("timeout", {})
+        proxy, proxy_auth = self._proxy(request.url)
         try:
             response = await session.request(
                 request.method,
@@ -209,6 +245,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=request.headers.multi_items(),
                 data=await request.aread() or None,
                 allow_redirects=False,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 timeout=aiohttp.ClientTimeout(
                     connect=timeouts.get("pool"),
                     sock_connect=timeouts.get("connect"),
