@@ -97,8 +97,9 @@ def pooled_client(
         keepalive_expiry=config.idle_connection_s,
     )
     # HTTP/2 is negotiated in the TLS handshake (ALPN): a plaintext upstream speaks HTTP/1.1.
-    http2 = config.http2 and config.base_url.startswith("https:")
-    tls = tls_context(config)
+    secure = config.base_url.startswith("https:")
+    http2 = config.http2 and secure
+    tls = tls_context(config) if secure else None  # (26 ms of work: only where TLS is)
     if transport is None and not http2:
         transport = AiohttpTransport(limits, tls)
     client = httpx.AsyncClient(
@@ -109,7 +110,7 @@ def pooled_client(
         cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
         limits=limits,
         http2=http2,
-        verify=tls,
+        verify=tls or True,
         transport=transport,
     )
     return Upstream(client, transport)
@@ -203,7 +204,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, limits: httpx.Limits, tls: ssl.SSLContext | None = None) -> None:
         self._limits = limits
-        self._tls = tls or httpx.create_ssl_context()
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str, int | None], _Proxy] = {}
 
@@ -212,7 +213,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=self._tls,
+            ssl=self._tls or httpx.create_ssl_context(),
         )
         # No cookie jar, no automatic decompression: httpx's client decodes the body.
         self._session = aiohttp.ClientSession(
