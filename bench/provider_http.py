@@ -1,4 +1,5 @@
-"""What an upstream call over TLS costs the executor, over HTTP/1.1 and over HTTP/2.
+"""Why the executor calls TLS providers over HTTP/1.1: what a call costs, and what breaks,
+over its HTTP/1.1 transport and over httpx's HTTP/2.
 
     .venv/bin/python -m bench.provider_http [--calls 1600] [--rounds 3] [--concurrency 1,16]
 
@@ -6,11 +7,16 @@ A TLS upstream speaking OpenAI's chat completions (tests/fakes/tls_upstream.py: 
 a test certificate authority, ALPN offering h2 and http/1.1) runs as a process of its own,
 retiring a connection after `--max-requests` requests as nginx and hypercorn do (1,000 by
 default). In this process, on uvloop as the executor runs, the executor's OpenAI-compatible
-provider makes `--calls` calls per configuration, `--concurrency` at a time: unary and
-streamed (4 pieces, usage last), with `http2` off (HTTP/1.1 over the aiohttp transport, the
-default) and on (httpx's HTTP/2 transport). Configurations take turns within each round.
-Per configuration, medians over `--rounds` rounds: CPU microseconds of this process per
-call, calls per second, and the calls that failed (summed over rounds, with their reasons).
+provider makes `--calls` calls per configuration, `--concurrency` at a time, unary and
+streamed (4 pieces, usage last), over its own transport (HTTP/1.1 over aiohttp) and over
+httpx's HTTP/2 transport (httpcore, h2: how the executor called TLS upstreams until
+2026-11-28). Configurations take turns within each round. Per configuration, medians over
+`--rounds` rounds: CPU microseconds of this process per call, calls per second, and the
+calls that failed (summed over rounds, with their reasons).
+
+Then, per protocol, `--leaves` streams of a 10-second answer, one after another, each left
+by its caller after the first piece (a cancelled request): how many the upstream saw end
+early (its answer stopped, and its billing with it), and how many later calls failed.
 """
 
 from __future__ import annotations
@@ -27,17 +33,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 from services.common import loops
 from services.common.calls import Deadline
 from services.common.catalog import ModelConfig, OpenAICompatibleProviderConfig
 from services.common.errors import StrataError
-from services.executor.providers.base import ProviderRequest
+from services.executor.providers.base import ProviderRequest, TextDelta
+from services.executor.providers.http import tls_context
 from services.executor.providers.openai_compatible import OpenAICompatibleProvider
 from strata.common.v1 import common_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "provider-http"
 PROTOCOLS = {"http/1.1": False, "http/2": True}
+SLOW_MODEL = "tls-slow"  # tests/fakes/tls_upstream.py: a piece every 50 ms for 10 s
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,6 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--max-requests", type=int, default=1000)
+    parser.add_argument("--leaves", type=int, default=120, help="streams left, per protocol")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -69,9 +80,9 @@ def serve(directory: Path, max_requests: int) -> None:
     server.stop()
 
 
-def request(n: int) -> ProviderRequest:
+def request(n: int, model: str = "tls-model") -> ProviderRequest:
     return ProviderRequest(
-        model=ModelConfig(name="tls-model", provider="tls", upstream_model="tls-model"),
+        model=ModelConfig(name=model, provider="tls", upstream_model=model),
         messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"question {n}")],
         params=common_pb2.GenerationParams(),
         max_output_tokens=64,
@@ -88,24 +99,32 @@ async def one(provider: OpenAICompatibleProvider, stream: bool, n: int) -> None:
         pass
 
 
+def provider(base_url: str, ca_file: Path, http2: bool, level: int) -> OpenAICompatibleProvider:
+    """The executor's provider, over its own transport or over httpx's HTTP/2 one."""
+    config = OpenAICompatibleProviderConfig(
+        kind="openai_compatible", base_url=base_url, ca_file=ca_file, max_connections=level
+    )
+    transport = None
+    if http2:
+        transport = httpx.AsyncHTTPTransport(
+            http2=True,
+            verify=tls_context(config),
+            limits=httpx.Limits(max_connections=level, max_keepalive_connections=level),
+        )
+    return OpenAICompatibleProvider("tls", config, transport)
+
+
 async def measure(
     base_url: str, ca_file: Path, http2: bool, stream: bool, level: int, args: argparse.Namespace
 ) -> tuple[float, float, collections.Counter[str]]:
     """(CPU µs per call, calls per second, failures by reason) of one configuration."""
-    config = OpenAICompatibleProviderConfig(
-        kind="openai_compatible",
-        base_url=base_url,
-        ca_file=ca_file,
-        http2=http2,
-        max_connections=max(level, 1),
-    )
-    provider = OpenAICompatibleProvider("tls", config)
+    client = provider(base_url, ca_file, http2, level)
     failures: collections.Counter[str] = collections.Counter()
 
     async def worker(calls: int, offset: int) -> None:
         for n in range(calls):
             try:
-                await one(provider, stream, offset + n)
+                await one(client, stream, offset + n)
             except StrataError as err:
                 failures[err.reason] += 1
 
@@ -117,7 +136,7 @@ async def measure(
         await asyncio.gather(*(worker(per_worker, w * per_worker) for w in range(level)))
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     finally:
-        await provider.aclose()
+        await client.aclose()
     calls = per_worker * level
     return cpu / calls * 1e6, calls / wall, failures
 
@@ -160,6 +179,44 @@ async def run(base_url: str, ca_file: Path, args: argparse.Namespace) -> None:
             f"| {shape} | {level} | {protocol} | {cpu:.0f} | {rate:.0f} | {cpu / base:.2f}× | "  # noqa: RUF001
             f"{sum(failures.values())}/{total}{f' ({reasons})' if reasons else ''} |"
         )
+    print(f"\n{args.leaves} streams of a 10 s answer, each left after its first piece\n")
+    print("| protocol | streams left | seen ending early by the upstream | calls failed |")
+    print("|---|---:|---:|---:|")
+    for protocol, http2 in PROTOCOLS.items():
+        left, gone, lost = await leave(base_url, ca_file, http2, args.leaves)
+        print(f"| {protocol} | {left} | {gone} | {lost} |")
+
+
+async def leave(base_url: str, ca_file: Path, http2: bool, count: int) -> tuple[int, int, int]:
+    """(streams left, of them seen ending early by the upstream, later calls failed)."""
+    stats_url = base_url.removesuffix("/v1") + "/stats"
+    async with httpx.AsyncClient(
+        verify=tls_context(
+            OpenAICompatibleProviderConfig(
+                kind="openai_compatible", base_url=base_url, ca_file=ca_file
+            )
+        )
+    ) as plain:
+        before = (await plain.get(stats_url)).json()
+        client = provider(base_url, ca_file, http2, 1)
+        left = failed = 0
+        try:
+            for n in range(count):
+                try:
+                    pieces = client.stream(request(n, SLOW_MODEL))
+                    async for event in pieces:
+                        if isinstance(event, TextDelta):
+                            break
+                    await pieces.aclose()
+                    left += 1
+                except StrataError:
+                    failed += 1
+            await asyncio.sleep(1.0)  # for the last ones to reach the upstream
+            # Read before the client closes its connections, which ends every stream.
+            after = (await plain.get(stats_url)).json()
+        finally:
+            await client.aclose()
+    return left, after["gone"] - before["gone"], failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,14 +69,27 @@ class _HttpProviderConfig(_ProviderBase):
     (5 s in uvicorn, hence vLLM and most Python servers): a request sent on a connection
     the server is closing at that moment fails as the provider unavailable."""
     http2: bool = False
-    """Offer HTTP/2 to a TLS upstream (ALPN). Off by default, as in OpenAI's own SDK: httpx's
-    HTTP/2 (httpcore, h2) costs two to three times the CPU of HTTP/1.1 per call, and fails
-    calls in flight, streams midway included, when the upstream retires a connection (a
-    GOAWAY after its quota of requests, 1,000 in nginx and hypercorn). See
-    bench/RESULTS.md (`python -m bench.provider_http`)."""
+    """Must stay off: calls go over HTTP/1.1. httpx's HTTP/2 (httpcore, h2), which the
+    executor used for TLS upstreams until 2026-11-28, broke three things against a real TLS
+    upstream (`python -m bench.provider_http`, bench/RESULTS.md): a caller leaving a stream
+    did not stop the upstream's answer, which ran on, billed, to its end; after 100 streams
+    left early on a connection every later call on it failed ("Max outbound streams is 100,
+    100 open"); and calls in flight failed when the upstream retired the connection (a
+    GOAWAY, after 1,000 requests in nginx and hypercorn). It also cost 2.0-2.7 times the
+    CPU per call. Kept so that a file saying `http2: false` loads."""
     ca_file: Path | None = None
     """PEM file of the certificate authorities this provider's TLS certificate is checked
     against (a private CA), instead of the public ones; read at start-up."""
+
+    @field_validator("http2")
+    @classmethod
+    def _no_http2(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "HTTP/2 is not supported: httpx's neither stops the upstream when a caller "
+                "leaves a stream nor frees the stream; providers are called over HTTP/1.1"
+            )
+        return value
 
 
 class OpenAICompatibleProviderConfig(_HttpProviderConfig):

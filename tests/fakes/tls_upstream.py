@@ -5,7 +5,10 @@ The upstream is hypercorn (ASGI) in a thread of its own, on 127.0.0.1, with a ce
 from a test certificate authority (trustme) and ALPN offering h2 and http/1.1, so the
 client's TLS and protocol choices are the real ones. It answers every chat request with the
 same short answer (unary, or streamed as server-sent events, usage last) and records each
-request's HTTP version and client address (calls on one kept-alive connection share it).
+request's HTTP version and client address (calls on one kept-alive connection share it). The
+model `tls-slow` gets a long stream instead (a piece every 50 ms, for 10 s), and whether its
+client went away before the end is recorded; `GET /stats` counts those streams and those
+left.
 `max_requests` retires a connection after that many requests, as nginx and hypercorn do
 (1,000 by default): over HTTP/1.1 with `Connection: close`, over HTTP/2 with a GOAWAY.
 
@@ -19,7 +22,7 @@ import contextlib
 import json
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 PIECES = ["Over", " TLS", " it", " came"]
+SLOW_MODEL = "tls-slow"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 
 
@@ -38,6 +42,9 @@ class Seen:
     http_version: str
     client: tuple[str, int]
     stream: bool
+    slow: bool = False
+    gone: threading.Event = field(default_factory=threading.Event, compare=False)
+    """Set when the client went away before the answer's end."""
 
 
 def certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -116,6 +123,13 @@ class TlsUpstream:
     async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/stats":  # for a benchmark in another process
+            with self._lock:
+                long = [c for c in self.seen if c.slow]
+            stats = {"slow": len(long), "gone": sum(c.gone.is_set() for c in long)}
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": json.dumps(stats).encode()})
+            return
         body = b""
         while True:
             message = await receive()
@@ -124,8 +138,13 @@ class TlsUpstream:
                 break
         request = json.loads(body)
         stream = bool(request.get("stream"))
+        slow = stream and request.get("model") == SLOW_MODEL
+        seen = Seen(scope["http_version"], tuple(scope["client"]), stream, slow)
         with self._lock:
-            self.seen.append(Seen(scope["http_version"], tuple(scope["client"]), stream))
+            self.seen.append(seen)
+        if slow:
+            await self._slow(receive, send, seen)
+            return
         if not stream:
             answer = {
                 "id": "cmpl-tls",
@@ -166,6 +185,31 @@ class TlsUpstream:
         for data in events:
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _slow(self, receive: Any, send: Any, seen: Seen) -> None:
+        async def pieces() -> None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            for n in range(200):
+                data = _event(_chunk({"content": f" slow{n}"}))
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await asyncio.sleep(0.05)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        sending = asyncio.ensure_future(pieces())
+        # hypercorn tells of a client gone only through `receive`.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not sending.done():
+            seen.gone.set()
+        sending.cancel()
+        with contextlib.suppress(BaseException):
+            await sending
 
 
 class ConnectProxy:

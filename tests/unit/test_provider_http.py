@@ -4,18 +4,21 @@ straight to the transport, and no state carried from one call to the next."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from services.common.catalog import OpenAICompatibleProviderConfig
+from services.common.catalog import OpenAICompatibleProviderConfig, load_catalog
+from services.common.settings import ConfigError
 from services.executor.providers import http
+from tests.conftest import ROOT
 
 BASE_URL = "http://upstream.test/v1"
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["to-the-transport", "through-httpx"])
-async def test_a_call_is_built_as_httpx_builds_it_and_no_cookie_comes_back(direct: bool) -> None:
+async def test_a_call_is_built_as_httpx_builds_it_and_no_cookie_comes_back() -> None:
     seen: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -28,8 +31,6 @@ async def test_a_call_is_built_as_httpx_builds_it_and_no_cookie_comes_back(direc
     upstream = http.pooled_client(
         config, {"authorization": "Bearer k"}, httpx.MockTransport(answer)
     )
-    if not direct:  # as with HTTP/2, where the client makes its own transport
-        upstream = http.Upstream(upstream.client, None)
     url = upstream.endpoint("chat/completions")
 
     replies = [
@@ -48,6 +49,7 @@ async def test_a_call_is_built_as_httpx_builds_it_and_no_cookie_comes_back(direc
     assert [str(r.url) for r in seen] == [f"{BASE_URL}/chat/completions"] * 3
     first = seen[0].headers
     assert first["user-agent"] == "strata-executor"
+    assert (first["accept"], first["accept-encoding"]) == ("*/*", "gzip, deflate")
     assert (first["authorization"], first["x-provider-tag"]) == ("Bearer k", "p-1")
     assert first["x-model-route"] == "blue"
     assert first["content-type"] == "application/json"
@@ -56,3 +58,22 @@ async def test_a_call_is_built_as_httpx_builds_it_and_no_cookie_comes_back(direc
     assert seen[2].headers["accept"] == "text/event-stream"
     assert seen[2].extensions["timeout"]["read"] == 1.0
     assert all("cookie" not in r.headers for r in seen)
+
+
+def test_a_models_file_asking_for_http2_is_refused_at_start(tmp_path: Path) -> None:
+    """httpx's HTTP/2 neither stops an upstream's answer its caller left nor frees the stream
+    (bench/provider_http.py): a file that asks for it does not load, one that says
+    `http2: false` does."""
+    catalog = yaml.safe_load((ROOT / "config" / "models.yaml").read_text())
+    catalog["providers"]["secure"] = {
+        "kind": "openai_compatible",
+        "base_url": "https://llm.internal/v1",
+        "http2": True,
+    }
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    with pytest.raises(ConfigError, match="HTTP/2 is not supported"):
+        load_catalog(path)
+    catalog["providers"]["secure"]["http2"] = False
+    path.write_text(yaml.safe_dump(catalog))
+    assert "secure" in load_catalog(path).providers

@@ -1,10 +1,11 @@
 """What the HTTP providers share: their pooled client, credentials, timeouts, error mapping.
 
-The pooled client is httpx's. Over HTTP/1.1, plain or TLS, it sends through
-`AiohttpTransport`, httpx's transport interface over an aiohttp session: aiohttp parses
-responses in C, where httpx's own transport (httpcore, h11) parses them in Python, and an
-exchange costs the executor about half the CPU (see bench/RESULTS.md). HTTP/2 (`http2`, off
-by default), which only TLS upstreams offer, keeps httpx's own transport.
+A provider's calls go over HTTP/1.1, plain or TLS, through `AiohttpTransport`, httpx's
+transport interface over an aiohttp session: aiohttp parses responses in C, where httpx's
+own transport (httpcore, h11) parses them in Python, and an exchange costs the executor
+about half the CPU (see bench/RESULTS.md). Requests and responses are httpx's. HTTP/2 is not
+offered: httpx's (httpcore, h2) neither stops the upstream when a caller leaves a stream nor
+frees the stream (see `http2` in services/common/catalog.py).
 
 Error mapping is the one place an upstream HTTP failure becomes a Strata reason. The
 provider's body is read to classify the failure (its error code or type, whether it speaks
@@ -22,7 +23,6 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,13 @@ from services.executor.providers.base import Content, coalesced
 _Proxy = tuple[yarl.URL | None, aiohttp.BasicAuth | None]
 """A proxy for an origin (none: None) and its credentials."""
 
+DEFAULT_HEADERS = {
+    "accept": "*/*",
+    "accept-encoding": "gzip, deflate",  # (the body is decoded by httpx's response)
+    "connection": "keep-alive",
+    "user-agent": "strata-executor",
+}
+"""What httpx's client sends on every request, with our user agent for its own."""
 MAX_ERROR_BODY = 64 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached", "insufficient_credits"}
@@ -90,30 +97,22 @@ def pooled_client(
     headers: Mapping[str, str],
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Upstream:
-    """One client per provider entry for the life of the process."""
-    limits = httpx.Limits(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_connections,
-        keepalive_expiry=config.idle_connection_s,
-    )
-    # HTTP/2 is negotiated in the TLS handshake (ALPN): a plaintext upstream speaks HTTP/1.1.
-    secure = config.base_url.startswith("https:")
-    http2 = config.http2 and secure
-    tls = tls_context(config) if secure else None  # (26 ms of work: only where TLS is)
-    if transport is None and not http2:
+    """One client per provider entry for the life of the process, over `transport` (a
+    test's), else over aiohttp."""
+    if transport is None:
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_connections,
+            keepalive_expiry=config.idle_connection_s,
+        )
+        # (A TLS context is 26 ms of work: made only for a TLS upstream.)
+        tls = tls_context(config) if config.base_url.startswith("https:") else None
         transport = AiohttpTransport(limits, tls)
-    client = httpx.AsyncClient(
-        base_url=config.base_url.rstrip("/") + "/",
-        headers={"user-agent": "strata-executor", **config.headers, **headers},
-        # No cookies kept: one a call's answer set would go with the next call, another
-        # tenant's.
-        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        limits=limits,
-        http2=http2,
-        verify=tls or True,
-        transport=transport,
+    return Upstream(
+        httpx.URL(config.base_url.rstrip("/") + "/"),
+        {**DEFAULT_HEADERS, **config.headers, **headers},
+        transport,
     )
-    return Upstream(client, transport)
 
 
 def tls_context(config: HttpProviderConfig) -> ssl.SSLContext:
@@ -128,26 +127,25 @@ def tls_context(config: HttpProviderConfig) -> ssl.SSLContext:
 
 
 class Upstream:
-    """A provider's pooled httpx client, called the short way when its transport is known.
+    """A provider's base URL, default headers and pooled transport.
 
-    On every call httpx's client does what a provider call never uses: it merges a relative
-    URL, keeps and sends cookies, runs an auth flow, follows redirects, runs event hooks and
-    logs a line; about a third of the executor's CPU for an upstream call (150 µs here,
-    bench/RESULTS.md). Given a transport (ours over aiohttp, or a test's), a request is
-    built as the client builds it (its default headers, then the call's; the JSON body
-    encoded by httpx) and handed to the transport. HTTP/2 keeps httpx's own transport,
-    which the client makes, so it goes through `client.send` (which also honours proxies
-    from the environment)."""
+    A request is built as httpx's client builds it (its default headers, then the call's;
+    the JSON body encoded by httpx) and handed straight to the transport. httpx's client
+    would, on every call, do what a provider call never uses: merge a relative URL, keep
+    and send cookies (another tenant's, the next call), run an auth flow, follow redirects,
+    run event hooks and log a line; about a third of the executor's CPU for an upstream call
+    (150 µs here, bench/RESULTS.md). No cookie an upstream sets is kept."""
 
     def __init__(
-        self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport | None
+        self, base_url: httpx.URL, headers: Mapping[str, str], transport: httpx.AsyncBaseTransport
     ) -> None:
-        self.client = client
+        self.base_url = base_url
+        self._headers = httpx.Headers(headers)
         self._transport = transport
 
     def endpoint(self, path: str) -> httpx.URL:
         """`path` under the base URL, merged once, as httpx would merge it on every call."""
-        base = self.client.base_url
+        base = self.base_url
         return base.copy_with(raw_path=base.raw_path + path.encode("ascii"))
 
     async def post(
@@ -175,19 +173,17 @@ class Upstream:
     async def _send(
         self, url: httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
     ) -> httpx.Response:
-        merged = self.client.headers.copy()
+        merged = self._headers.copy()
         merged.update(headers)
         request = httpx.Request(
             "POST", url, json=body, headers=merged, extensions={"timeout": timeouts.as_dict()}
         )
-        if self._transport is None:
-            return await self.client.send(request, stream=True)
         response = await self._transport.handle_async_request(request)
         response.request = request
         return response
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self._transport.aclose()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
