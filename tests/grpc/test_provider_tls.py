@@ -173,8 +173,9 @@ async def test_a_proxy_named_in_the_environment_carries_the_calls(
     bypassed: bool,
 ) -> None:
     async with ConnectProxy() as proxy:
-        for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
-            monkeypatch.delenv(name, raising=False)
+        for name in ("no", "http", "https", "all"):
+            monkeypatch.delenv(f"{name}_proxy", raising=False)
+            monkeypatch.delenv(f"{name.upper()}_PROXY", raising=False)
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
         if bypassed:
             monkeypatch.setenv("NO_PROXY", "127.0.0.1")
