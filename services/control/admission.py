@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 import time
 from collections import deque
@@ -63,6 +64,7 @@ import redis.asyncio as redis
 from opentelemetry import trace
 from opentelemetry.metrics import Counter
 from opentelemetry.trace import Span
+from redis.exceptions import ResponseError
 
 from services.common import semconv, telemetry
 from services.common.catalog import Catalog, ModelConfig
@@ -105,6 +107,8 @@ POLICY_REFRESH_S = 5.0
 """How often an admission also reads its tenant's policy (same pipeline), for degraded mode."""
 MAX_DEFERRED = 10_000
 """Settlements kept in memory while Redis does not answer; past it Settle fails."""
+DEFERRED_BATCH = 200
+"""Kept settlements written in one Redis round trip once Redis answers again."""
 METRIC_LOCAL_FALLBACKS = "strata.ratelimit.local_fallbacks"
 MAX_CANDIDATES = 32
 """Models one admission may plan over."""
@@ -739,23 +743,41 @@ class AdmissionControl:
         return False
 
     async def write_deferred(self) -> int:
-        """Writes the settlements kept while Redis did not answer; returns how many."""
+        """Writes the settlements kept while Redis did not answer, DEFERRED_BATCH to a Redis
+        round trip; returns how many."""
         written = 0
         while self._deferred:
-            request = self._deferred[0]
+            batch = list(itertools.islice(self._deferred, DEFERRED_BATCH))
             try:
-                await self._apply_settlements([self._settling(request)])
+                await self._write_kept(batch)
             except DependencyUnavailable:
                 self._outage.failed()
                 break
-            except StrataError as err:
-                log.error("kept settlement of %s dropped (%s)", request.request_id, err.reason)
-            self._deferred.popleft()
-            written += 1
+            for _ in batch:
+                self._deferred.popleft()
+            written += len(batch)
         if written:
             self._outage.answered()
             log.warning("wrote %d settlements kept while Redis did not answer", written)
         return written
+
+    async def _write_kept(self, batch: list[control_pb2.SettleRequest]) -> None:
+        """A batch Redis refuses (a script's error, say a key of the wrong type or Redis out
+        of memory, fails it whole) goes again one by one, so that only the settlement at
+        fault is dropped. Redis ran the batch's other commands: their settlements are not
+        applied twice (once per request id), but their output findings, if any, are
+        recorded twice, under the same request id."""
+        try:
+            await self._apply_settlements([self._settling(r) for r in batch])
+        except DependencyUnavailable:
+            raise
+        except (StrataError, ResponseError) as err:
+            if len(batch) > 1:
+                for request in batch:
+                    await self._write_kept([request])
+                return
+            reason = err.reason if isinstance(err, StrataError) else str(err)[:200]
+            log.error("kept settlement of %s dropped (%s)", batch[0].request_id, reason)
 
     def _settling(self, request: control_pb2.SettleRequest) -> _Settling:
         def records(pipe: Any) -> None:
@@ -911,6 +933,8 @@ class AdmissionControl:
                     log.warning("charged %d expired reservations", charged)
             except StrataError as err:
                 log.warning("reservation sweep failed (%s)", err.reason)
+            except ResponseError as err:  # (a script's error must not end the sweeps)
+                log.error("reservation sweep failed (%s)", str(err)[:200])
             await asyncio.sleep(interval_s)
 
     # --- output guardrails -----------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import grpc
 import pytest
@@ -16,12 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.catalog import load_catalog
 from services.common.guardrails import Guardrails
-from services.common.redis_state import connect
+from services.common.redis_state import connect, run_pipeline
+from services.control import admission as admission_module
 from services.control.admission import AdmissionControl
 from services.control.keys import KeyStore
 from strata.common.v1 import common_pb2
 from strata.control.v1 import control_pb2
 from tests.conftest import ApiKeys
+from tests.faultproxy import Fault, FaultProxy
 from tests.grpc.conftest import Served, StartControl
 from tests.helpers import (
     eventually,
@@ -345,6 +348,61 @@ async def admission(
     keys = KeyStore(client, guardrails.profile(None).name)
     yield AdmissionControl(keys, client, load_catalog(models_file), guardrails, 900, 3600)
     await client.aclose()
+
+
+async def test_settlements_kept_through_a_redis_outage_go_a_batch_to_a_round_trip(
+    control: Served,
+    test_keys: ApiKeys,
+    redis_url: str,
+    models_file: Path,
+    guardrails_file: Path,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Settlements Redis could not take (its connections reset) are kept; once it answers,
+    they are written DEFERRED_BATCH to a round trip, each applied once, nothing left held.
+    One Redis refuses (globex's reservations made a key of the wrong type) fails its batch
+    whole: that batch goes again one by one, and only the one at fault is dropped."""
+    monkeypatch.setattr(admission_module, "DEFERRED_BATCH", 3)
+    target = urlparse(redis_url)
+    assert target.hostname and target.port
+    with FaultProxy(target.hostname, target.port) as proxy:
+        client = connect(f"redis://{target.hostname}:{proxy.port}{target.path}", 1.0)
+        guardrails = Guardrails.from_file(guardrails_file)
+        keys = KeyStore(client, guardrails.profile(None).name)
+        admission = AdmissionControl(keys, client, load_catalog(models_file), guardrails, 900, 3600)
+        admitted = []
+        for key in [test_keys.acme] * 7 + [test_keys.globex]:
+            request = admit_request(key)
+            admitted.append((request.request_id, await admission.admit(request)))
+        redis_db.delete("strata:{t:globex}:reserved")
+        redis_db.set("strata:{t:globex}:reserved", "not a hash")
+        proxy.set_fault(Fault.RESET)
+        for request_id, admit in admitted:
+            reply = control_pb2.AdmitResponse(
+                tenant_id=admit.key.tenant_id, key_id=admit.key.key_id
+            )
+            assert await admission.settle(settle_request(reply, request_id, 11, 22)) is False
+        assert usage_record(redis_db).get("requests", 0) == 0
+        proxy.clear()
+        pipelines: list[int] = []
+
+        async def counted(client: Any, build: Callable[[Any], None], scripts: Any) -> list[Any]:
+            pipelines.append(1)
+            return await run_pipeline(client, build, scripts)
+
+        monkeypatch.setattr(admission_module, "run_pipeline", counted)
+        try:
+            assert await admission.write_deferred() == 8
+            assert await admission.write_deferred() == 0
+        finally:
+            await client.aclose()
+    assert len(pipelines) == 5  # 3, 3, then 2 refused and each of them again
+    assert usage_record(redis_db, "globex").get("requests", 0) == 0
+    usage = usage_record(redis_db)
+    assert (usage["requests"], usage["input_tokens"], usage["output_tokens"]) == (7, 77, 154)
+    assert redis_db.hlen("strata:{t:acme}:reservations") == 0
+    assert int(redis_db.hget("strata:{t:acme}:reserved", "tenant") or 0) == 0
 
 
 async def cut_while_redis_decides(
