@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from services.common.errors import StrataError
 from services.common.redis_state import redis_errors
@@ -59,10 +60,13 @@ class CacheStats:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def run(self, interval_s: float = 1.0) -> None:
-        """Flushes forever."""
+        """Flushes forever. A command Redis refuses (a key of the wrong type, Redis out of
+        memory) loses its own count only, not the others of the flush nor the flushes after."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.flush()
             except StrataError as err:
                 log.warning("cache stats not written (%s); kept for later", err.reason)
+            except RedisError as err:
+                log.error("cache stats partly not written (%s)", str(err)[:200])
