@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,8 +23,16 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import DependencyUnavailable
@@ -158,13 +167,28 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> redis.Redi
     return redis.Redis.from_pool(pool)
 
 
+_CANNOT_SERVE = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError)
+"""Replies of a Redis that is up but cannot do what was asked for now: out of memory under
+`noeviction`, a replica since a failover, its primary gone, a cluster resharding or down."""
+_CANNOT_SERVE_WORDS = re.compile(r"\b(MISCONF|BUSY)\b")
+"""The same, without a class of their own in redis-py: writes refused while snapshots fail,
+a script running too long."""
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turns Redis being unreachable or slow into UNAVAILABLE/REDIS_UNAVAILABLE."""
+    """Turns Redis being unreachable, slow, or unable to serve for now (out of memory, a
+    read-only replica, ...: `_CANNOT_SERVE`) into UNAVAILABLE/REDIS_UNAVAILABLE, as an
+    outage: each service degrades as it does when Redis is down, instead of failing every
+    request as an internal error."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+    except (RedisConnectionError, RedisTimeoutError, OSError, *_CANNOT_SERVE) as err:
         raise DependencyUnavailable("redis") from err
+    except ResponseError as err:
+        if _CANNOT_SERVE_WORDS.search(str(err)):
+            raise DependencyUnavailable("redis") from err
+        raise
 
 
 def queue_script(pipe: Any, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:

@@ -398,6 +398,35 @@ async def test_reset_connections(stack: Stack, proxy: FaultProxy, keys: Keys) ->
     await stack.recovered(keys.metered)
 
 
+async def test_redis_out_of_memory_degrades_then_settles_what_ran_meanwhile(
+    stack: Stack, keys: Keys
+) -> None:
+    """Redis up but refusing writes (`maxmemory` reached under `noeviction`: OOM errors):
+    served as an outage, not as internal errors. A tenant without budgets is answered, one
+    with a budget is refused BUDGET_UNVERIFIABLE; once Redis has room again, what ran
+    meanwhile is settled."""
+    await warm_up(stack, keys.open, keys.metered)
+    await eventually_counted(stack, "open", "open-main", 1)
+    memory = stack.direct.info("memory")
+    stack.direct.config_set("maxmemory-policy", "noeviction")
+    stack.direct.config_set("maxmemory", memory["used_memory"] + 1024)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for n in range(100):
+                stack.direct.set(f"filler:{n}", "x" * 4096)
+        for _ in range(2):
+            reply, took = await stack.timed(keys.open)
+            assert reply.text.startswith("Mock answer")
+            assert took < DEGRADED_BOUND_S
+        code, reason, took = await stack.refused(keys.metered)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "BUDGET_UNVERIFIABLE")
+        assert requests_counted(stack, "open", "open-main") == 1
+    finally:
+        stack.direct.config_set("maxmemory", 0)
+    await stack.recovered(keys.metered)
+    await eventually_counted(stack, "open", "open-main", 3)
+
+
 async def test_slow_and_sliced_redis(stack: Stack, proxy: FaultProxy, keys: Keys) -> None:
     await warm_up(stack, keys.open, keys.metered)
     # Bytes one at a time, or a little late: still Redis's answers, budgets included.

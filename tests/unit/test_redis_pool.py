@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import redis
@@ -16,6 +18,7 @@ import redis.asyncio
 
 from services.common.errors import DependencyUnavailable
 from services.common.redis_state import connect, redis_errors
+from strata_cli.devstack import PrivateRedis
 
 
 async def test_more_concurrent_commands_than_connections_all_answer(
@@ -193,3 +196,41 @@ async def test_a_write_that_cannot_go_out_fails_within_the_bound() -> None:
             transport.abort()
         server.close()
     assert 0.25 <= waited < 2.0
+
+
+async def test_a_redis_that_cannot_serve_for_now_is_unavailable_not_an_error(
+    redis_url: str, redis_db: redis.Redis, tmp_path: Path
+) -> None:
+    """A replica refuses writes (READONLY: a client still on a primary demoted by a
+    failover) and a Redis refusing writes while its snapshots fail (MISCONF): the caller
+    sees Redis unavailable, as in an outage. A command Redis refuses for its own content
+    (WRONGTYPE) stays the error it is."""
+    replica = PrivateRedis(tmp_path / "replica").start()
+    primary = urlparse(redis_url)
+    plain = redis.Redis.from_url(replica.url)
+    client = connect(replica.url, timeout_s=2.0)
+    try:
+        plain.replicaof(primary.hostname, primary.port)
+        with pytest.raises(DependencyUnavailable), redis_errors():
+            await client.set("strata:test:replica", "x")
+        plain.replicaof("NO", "ONE")
+        plain.config_set("stop-writes-on-bgsave-error", "yes")
+        plain.config_set("save", "3600 1")  # (writes stop only where snapshots are on)
+        (tmp_path / "replica" / "dump.rdb").mkdir()  # a snapshot cannot be written there
+        with contextlib.suppress(redis.ResponseError):
+            plain.bgsave()
+        await_misconf = time.monotonic() + 5
+        while plain.info("persistence")["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < await_misconf
+            await asyncio.sleep(0.05)
+        with pytest.raises(DependencyUnavailable) as caught, redis_errors():
+            await client.set("strata:test:misconf", "x")
+        assert "MISCONF" in str(caught.value.__cause__)
+        plain.config_set("stop-writes-on-bgsave-error", "no")
+        await client.set("strata:test:wrongtype", "x")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"), redis_errors():
+            await client.hincrby("strata:test:wrongtype", "n", 1)
+    finally:
+        await client.aclose()
+        plain.close()
+        replica.stop()
