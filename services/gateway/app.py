@@ -90,12 +90,21 @@ _HTTP = {
 
 
 class BadRequest(Exception):
-    """The HTTP request cannot be translated; 400 naming the parameter."""
+    """The HTTP request cannot be translated; 400 naming the parameter (or, with
+    `status_code` and `reason`, another client error: 413 for a body too large)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status_code: int = 400,
+        reason: str = "REQUEST_INVALID",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status_code = status_code
+        self.reason = reason
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -140,9 +149,9 @@ def _rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dict[str
 def _error_response(err: Exception) -> JSONResponse:
     if isinstance(err, BadRequest):
         return JSONResponse(
-            _error_body(err.message, "invalid_request_error", "REQUEST_INVALID", err.param),
-            status_code=400,
-            headers={"x-strata-reason": "REQUEST_INVALID"},
+            _error_body(err.message, "invalid_request_error", err.reason, err.param),
+            status_code=err.status_code,
+            headers={"x-strata-reason": err.reason},
         )
     if isinstance(err, grpc.aio.AioRpcError):
         status_code, body, headers = _rpc_error(err)
@@ -354,10 +363,27 @@ class Door:
         return self._settings.default_deadline_s
 
     async def _body(self, request: Request) -> dict[str, Any]:
+        """The JSON object of the body, read up to the size the orchestrator takes (413
+        REQUEST_TOO_LARGE past it, before it is all read: its length said, or as it comes)."""
+        limit = self._settings.max_message_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = BadRequest(
+            f"the body is larger than {limit} bytes", None, 413, "REQUEST_TOO_LARGE"
+        )
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
         try:
-            body = await request.json()
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("the body must be a JSON object") from None
+        except RecursionError:
+            raise BadRequest("the body nests too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body

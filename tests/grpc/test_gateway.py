@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -227,6 +228,53 @@ async def test_malformed_bodies_are_400_naming_the_parameter(door: str, test_key
     assert no_messages.json()["error"]["param"] == "messages"
     assert image.json()["error"]["param"] == "messages[0].content[0]"
     assert not_json.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_body_nested_too_deep_or_too_large_is_a_client_error(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    """JSON nested 50,000 deep is 400 (not a 500 from the parser's recursion); a body over
+    `max_message_bytes` is 413 REQUEST_TOO_LARGE, whether its length is declared or it
+    comes in chunks (refused as it passes the limit, not read whole); one within it goes
+    on."""
+    running = await start(
+        GatewaySettings(
+            port=0,
+            orchestrator_address=orchestrator.address,
+            log_level="WARNING",
+            max_message_bytes=64 * 1024,
+        )
+    )
+    door = f"http://127.0.0.1:{running.port}/v1"
+    auth = {"authorization": f"Bearer {test_keys.acme}"}
+
+    def body(size: int) -> bytes:
+        message = {"role": "user", "content": "x" * size}
+        return json.dumps({"model": "mock-fast", "messages": [message]}).encode()
+
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        for at in range(0, len(data), 16 * 1024):
+            yield data[at : at + 16 * 1024]
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            url = f"{door}/chat/completions"
+            deep = await http.post(url, headers=auth, content=b"[" * 50_000)
+            declared = await http.post(url, headers=auth, content=body(100 * 1024))
+            streamed = await http.post(url, headers=auth, content=chunks(body(100 * 1024)))
+            within = await http.post(url, headers=auth, content=body(1024))
+    finally:
+        await running.stop()
+    assert deep.status_code == 400
+    assert deep.json()["error"]["code"] == "REQUEST_INVALID"
+    for refused in (declared, streamed):
+        assert refused.status_code == 413
+        assert refused.json()["error"]["code"] == "REQUEST_TOO_LARGE"
+        assert refused.headers["x-strata-reason"] == "REQUEST_TOO_LARGE"
+    assert "transfer-encoding" not in declared.request.headers
+    assert streamed.request.headers["transfer-encoding"] == "chunked"
+    assert within.status_code == 200
+    assert within.json()["choices"][0]["message"]["content"]
 
 
 async def test_models_and_embeddings(door: str, test_keys: ApiKeys) -> None:
