@@ -60,8 +60,8 @@ class CacheStats:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def run(self, interval_s: float = 1.0) -> None:
-        """Flushes forever. A command Redis refuses (a key of the wrong type, Redis out of
-        memory) loses its own count only, not the others of the flush nor the flushes after."""
+        """Flushes forever. A command Redis refuses for its content (a key of the wrong type)
+        loses its own count only, not the others of the flush nor the flushes after."""
         while True:
             await asyncio.sleep(interval_s)
             try:

@@ -762,11 +762,12 @@ class AdmissionControl:
         return written
 
     async def _write_kept(self, batch: list[control_pb2.SettleRequest]) -> None:
-        """A batch Redis refuses (a script's error, say a key of the wrong type or Redis out
-        of memory, fails it whole) goes again one by one, so that only the settlement at
-        fault is dropped. Redis ran the batch's other commands: their settlements are not
-        applied twice (once per request id), but their output findings, if any, are
-        recorded twice, under the same request id."""
+        """A batch Redis refuses (a script's error, say a key of the wrong type, fails it
+        whole) goes again one by one, so that only the settlement at fault is dropped.
+        Redis ran the batch's other commands: their settlements are not applied twice (once
+        per request id), but their output findings, if any, are recorded twice, under the
+        same request id. (A Redis that cannot serve for now, out of memory say, is an
+        outage: every settlement is kept for later.)"""
         try:
             await self._apply_settlements([self._settling(r) for r in batch])
         except DependencyUnavailable:
