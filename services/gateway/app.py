@@ -26,6 +26,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import struct
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -137,13 +138,43 @@ def _rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dict[str
                 detail.Unpack(bad)
                 if bad.field_violations:
                     param = bad.field_violations[0].field
+    if reason is None:
+        return _bare_rpc_error(err)
     if reason == "BUDGET_EXCEEDED":
         kind = "insufficient_quota"
-    headers = {"x-strata-reason": reason} if reason else {}
+    headers = {"x-strata-reason": reason}
     if retry_s is not None:
         headers["retry-after"] = str(max(1, int(retry_s + 0.999)))
     body = _error_body(err.details() or err.code().name, kind, reason, param)
     return status_code, body, headers
+
+
+_TOO_LARGE = re.compile(r"larger than max|metadata size exceeds", re.I)
+"""What gRPC itself says of a message or metadata over its limits."""
+
+
+def _bare_rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A status with no ErrorInfo: gRPC's own, not the orchestrator's (it is unreachable,
+    the deadline passed on the wire, a limit of gRPC's). It gets a reason, as a service's
+    call to another does (`errors.from_rpc_error`), and a message of ours: gRPC's text
+    names internal addresses."""
+    code = err.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        status_code, kind, reason = 504, "timeout", "DEADLINE_EXCEEDED"
+        message = "deadline exceeded waiting for the orchestrator"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(err.details() or ""):
+        status_code, kind, reason = 413, "invalid_request_error", "REQUEST_TOO_LARGE"
+        message = "the request (its headers or body) is larger than the orchestrator takes"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        status_code, kind, reason = 429, "rate_limit_error", "OVERLOADED"
+        message = "the orchestrator is at its limit of calls in flight"
+    else:
+        status_code, kind, reason = 503, "service_unavailable", "ORCHESTRATOR_UNAVAILABLE"
+        message = "the orchestrator is unavailable"
+    headers = {"x-strata-reason": reason}
+    if reason in ("OVERLOADED", "ORCHESTRATOR_UNAVAILABLE"):
+        headers["retry-after"] = "1"
+    return status_code, _error_body(message, kind, reason), headers
 
 
 def _error_response(err: Exception) -> JSONResponse:

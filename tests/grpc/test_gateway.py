@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -275,6 +276,51 @@ async def test_a_body_nested_too_deep_or_too_large_is_a_client_error(
     assert streamed.request.headers["transfer-encoding"] == "chunked"
     assert within.status_code == 200
     assert within.json()["choices"][0]["message"]["content"]
+
+
+async def test_grpcs_own_errors_get_a_reason_and_no_internal_address(
+    orchestrator: Served, test_keys: ApiKeys
+) -> None:
+    """A status with no ErrorInfo is gRPC's own: an API key too long for gRPC's metadata
+    limit is 413 REQUEST_TOO_LARGE (not a 429 rate limit); an orchestrator that does not
+    answer is 503 ORCHESTRATOR_UNAVAILABLE with Retry-After, and gRPC's text, which names
+    the address it tried, is not passed on."""
+    body = {"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]}
+    running = await start(
+        GatewaySettings(port=0, orchestrator_address=orchestrator.address, log_level="WARNING")
+    )
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            huge = await http.post(
+                f"http://127.0.0.1:{running.port}/v1/chat/completions",
+                headers={"authorization": "Bearer " + "k" * 20_000},
+                json=body,
+            )
+    finally:
+        await running.stop()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nowhere = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+    running = await start(
+        GatewaySettings(port=0, orchestrator_address=nowhere, log_level="WARNING")
+    )
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            down = await http.post(
+                f"http://127.0.0.1:{running.port}/v1/chat/completions",
+                headers={"authorization": f"Bearer {test_keys.acme}"},
+                json=body,
+            )
+    finally:
+        await running.stop()
+        closed.close()
+    assert huge.status_code == 413
+    assert huge.json()["error"]["code"] == "REQUEST_TOO_LARGE"
+    assert down.status_code == 503
+    assert down.json()["error"]["code"] == "ORCHESTRATOR_UNAVAILABLE"
+    assert down.headers["x-strata-reason"] == "ORCHESTRATOR_UNAVAILABLE"
+    assert down.headers["retry-after"] == "1"
+    assert nowhere not in down.text and "127.0.0.1" not in down.text
 
 
 async def test_models_and_embeddings(door: str, test_keys: ApiKeys) -> None:
