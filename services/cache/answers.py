@@ -8,7 +8,11 @@
     Store:  the answer in Redis (with its TTL) and an entry in the vector index
 
 Semantic reuse applies unless the request or route turned it off, the temperature is above
-the bound (unless the route allows it), or there is no user turn. A failing or slow vector
+the bound (unless the route allows it), there is no user turn, or that turn is longer than
+`max_semantic_chars`: the embedder sees a question's first few hundred words only, so two
+long questions alike at their start embed alike whatever follows and the guards alone would
+tell them apart, at a cost that grows with their length on the cache's event loop (a
+megabyte took them seconds). A long question is reused exactly only. A failing or slow vector
 index or embedder makes the lookup a miss (within `semantic_timeout_s`), never an error.
 
 Each tenant is capped in entries and bytes; past a cap the oldest entries go first. The
@@ -78,6 +82,7 @@ class CachePolicy:
     max_entries_per_tenant: int
     max_bytes_per_tenant: int
     audit_min_similarity: float
+    max_semantic_chars: int = 2000
 
 
 def point_id(tenant_id: str, digest: str) -> str:
@@ -161,7 +166,7 @@ class AnswerCache:
                 entry_id=digest,
                 exact_key=digest,
             )
-        turn = last_user_turn(messages)
+        turn = self._meaning_turn(messages)
         if turn is None or not self._semantic_applies(scope):
             self._stats.count(tenant, "misses")
             return cache_pb2.LookupResponse(exact_key=digest)
@@ -365,7 +370,14 @@ class AnswerCache:
         exact-only route pays for no model)."""
         if not self._policy.semantic_enabled or request.scope.semantic.disabled:
             return None
-        return last_user_turn(request.messages)
+        return self._meaning_turn(request.messages)
+
+    def _meaning_turn(self, messages: Sequence[common_pb2.ChatMessage]) -> int | None:
+        """The last user turn, unless it is too long to be reused by meaning."""
+        turn = last_user_turn(messages)
+        if turn is None or len(messages[turn].content) > self._policy.max_semantic_chars:
+            return None
+        return turn
 
     async def _enforce_caps(self, tenant: str) -> None:
         """Evicts the tenant's oldest entries while it is over its entry or byte cap."""

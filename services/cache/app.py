@@ -74,6 +74,7 @@ async def build(settings: CacheSettings) -> Service:
             semantic_enabled=settings.semantic_enabled,
             min_similarity=settings.min_similarity,
             max_semantic_temperature=settings.max_semantic_temperature,
+            max_semantic_chars=settings.max_semantic_chars,
             candidates=settings.semantic_candidates,
             semantic_timeout_s=settings.semantic_timeout_s,
             max_entries_per_tenant=settings.max_entries_per_tenant,

@@ -33,6 +33,9 @@ class CacheSettings(ServiceSettings):
     route sets its own (see `bench/cache_quality.py` and `strata cache tune`)."""
     max_semantic_temperature: float = 1.0
     """No semantic reuse above this temperature (unset counts as 1.0) unless allowed."""
+    max_semantic_chars: int = Field(default=2000, ge=0)
+    """No semantic reuse of a question longer than this (exact reuse only): the embedder
+    sees its first few hundred words only, and the guards' work grows with its length."""
     semantic_candidates: int = Field(default=5, ge=1, le=50)
     """How many nearest stored questions are checked by the guards."""
     semantic_timeout_s: float = Field(default=0.3, gt=0)

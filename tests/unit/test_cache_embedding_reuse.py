@@ -177,3 +177,38 @@ async def test_a_batch_goes_to_redis_in_one_round_trip_and_to_the_index_in_one_u
     assert paraphrase.match == common_pb2.CACHE_MATCH_SEMANTIC
     elsewhere = lookup("Where is my parcel?")  # acme's scope: globex's answer is not acme's
     assert (await answers.lookup(elsewhere)).match == common_pb2.CACHE_MATCH_UNSPECIFIED
+
+
+async def test_a_question_longer_than_max_semantic_chars_is_reused_exactly_only(
+    answers: AnswerCache, gated: GatedEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long question (2,400 characters: the embedder sees its first few hundred words
+    only) is neither embedded nor indexed nor looked up by meaning, so no guard compares
+    it: asked again exactly it is a hit, changed at its end a miss. A short one is still
+    reused by meaning."""
+    gated.open.set()
+    compared: list[tuple[str, str]] = []
+    check = answers_module.guards.check
+
+    def counted(a: str, b: str) -> Any:
+        compared.append((a, b))
+        return check(a, b)
+
+    monkeypatch.setattr(answers_module.guards, "check", counted)
+    body = " ".join(
+        f"Clause {n} of the supply contract sets the delivery terms." for n in range(40)
+    )
+    long_question = f"Summarise this contract for a buyer: {body} Answer in English."
+    assert 2000 < len(long_question) < 3000
+
+    await answers.store(store(long_question))
+    exact = await answers.lookup(lookup(long_question))
+    changed = await answers.lookup(lookup(long_question.replace("English.", "French.")))
+
+    assert exact.match == common_pb2.CACHE_MATCH_EXACT
+    assert changed.match == common_pb2.CACHE_MATCH_UNSPECIFIED
+    assert gated.texts == [] and compared == []
+    await answers.store(store("How do I reset my password?"))
+    paraphrase = await answers.lookup(lookup("How can I reset my password?"))
+    assert paraphrase.match == common_pb2.CACHE_MATCH_SEMANTIC
+    assert len(compared) == 1
