@@ -556,7 +556,9 @@ class AdmissionControl:
                 "guardrail_profile", f"unknown profile {profile!r}"
             ) from None
         texts = [m.content for m in request.messages]
-        verdict = self._guardrails.check_input(texts, profile, request.estimated_input_tokens)
+        verdict = await self._guardrails.acheck_input(
+            texts, profile, request.estimated_input_tokens
+        )
         findings = finding_protos(verdict, list(range(len(texts))))
         if verdict.blocked:
             await self._record_findings(key.tenant_id, request.request_id, "input", findings)
@@ -950,7 +952,9 @@ class AdmissionControl:
         if violations:
             raise RequestInvalid(violations)
         try:
-            verdict = self._guardrails.check_output(request.text, request.guardrail_profile or None)
+            verdict = await self._guardrails.acheck_output(
+                request.text, request.guardrail_profile or None
+            )
         except KeyError:
             raise RequestInvalid.field("guardrail_profile", "unknown profile") from None
         findings = finding_protos(verdict, None)

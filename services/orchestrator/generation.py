@@ -882,7 +882,7 @@ class Generator:
                     tally.usage, tally.cost = final.usage, final.cost
                     tally.finish_reason = final.finish_reason
                     # Rules that only flag or redact leave the (already sent) stream alone.
-                    verdict = self._guardrails.check_output("".join(tally.text), profile)
+                    verdict = await self._guardrails.acheck_output("".join(tally.text), profile)
                     tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]
                     _guardrail_event(verdict)
                     yield Finished(
@@ -911,7 +911,7 @@ class Generator:
         tally.model = answer.model
         tally.usage, tally.cost = answer.usage, answer.cost
         tally.finish_reason = answer.finish_reason
-        verdict = self._guardrails.check_output(
+        verdict = await self._guardrails.acheck_output(
             answer.text, call.admission.guardrail_profile or None
         )
         tally.findings += [_finding(f.rule, f.action) for f in verdict.findings]

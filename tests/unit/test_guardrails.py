@@ -6,14 +6,17 @@ import base64
 import json
 import random
 import string
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from services.common.guardrails import (
+    INLINE_SCAN_CHARS,
     RULE_IDS,
     Action,
     Finding,
@@ -772,3 +775,44 @@ def test_missing_file_error_names_the_file(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"absent\.yaml"):
         Guardrails.from_file(path)
+
+
+async def test_a_long_text_is_scanned_off_the_event_loop_with_the_same_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """acheck_input/acheck_output scan a text longer than INLINE_SCAN_CHARS in a worker
+    thread (a long scan would hold the event loop and every other call on it), a short one
+    in place; the verdict is the one check_input/check_output give."""
+    guard = Guardrails.from_file(SHIPPED)
+    threads: list[str] = []
+    scan_input, scan_output = guard.check_input, guard.check_output
+
+    def seen_input(*args: Any) -> Verdict:
+        threads.append(threading.current_thread().name)
+        return scan_input(*args)
+
+    def seen_output(*args: Any) -> Verdict:
+        threads.append(threading.current_thread().name)
+        return scan_output(*args)
+
+    monkeypatch.setattr(guard, "check_input", seen_input)
+    monkeypatch.setattr(guard, "check_output", seen_output)
+    long_text = "lorem ipsum " * (INLINE_SCAN_CHARS // 12) + "mail john.doe@example.com today"
+    short_text = "mail john.doe@example.com today"
+    assert len(long_text) > INLINE_SCAN_CHARS
+
+    verdicts = [
+        await guard.acheck_input([short_text]),
+        await guard.acheck_input([long_text]),
+        await guard.acheck_output(short_text),
+        await guard.acheck_output(long_text),
+    ]
+
+    main = threading.current_thread().name
+    assert [t == main for t in threads] == [True, False, True, False]
+    assert verdicts[1] == scan_input([long_text])
+    assert verdicts[3] == scan_output(long_text)
+    for verdict in verdicts:
+        assert [f.rule for f in verdict.findings] == ["pii.email"]
+        assert verdict.redacted is not None
+        assert "john.doe@example.com" not in verdict.redacted[0]
