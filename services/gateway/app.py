@@ -159,7 +159,10 @@ def _bare_rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dic
     call to another does (`errors.from_rpc_error`), and a message of ours: gRPC's text
     names internal addresses."""
     code = err.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == grpc.StatusCode.CANCELLED:  # (its client left: no one reads this)
+        status_code, kind, reason = 499, "cancelled", "CANCELLED"
+        message = "the call was cancelled"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         status_code, kind, reason = 504, "timeout", "DEADLINE_EXCEEDED"
         message = "deadline exceeded waiting for the orchestrator"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(err.details() or ""):
