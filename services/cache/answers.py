@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 POINT_NAMESPACE = uuid.UUID("6b7e6f2a-2f6e-4d58-9a77-5b6c0f4a1c10")
 VECTOR_MEMO = 10_000
 MAX_BATCH = 1000
+_Meaning = tuple[int, str]
+"""A stored answer's question for reuse by meaning: its turn, and its text normalised."""
 SEMANTIC_FAULTS = (TimeoutError, OSError, RuntimeError, ValueError, StrataError)
 """What a failing or slow vector index or embedder raises: the semantic layer is skipped."""
 
@@ -264,7 +266,7 @@ class AnswerCache:
     async def store(self, request: cache_pb2.StoreRequest) -> str:
         """Stores the answer (Redis and the vector index); returns the entry id."""
         check_store(request)
-        return (await self._store_all([request]))[0]
+        return (await self._store_all([request], [self._meaning(request)]))[0]
 
     async def store_batch(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
         """Stores many answers as `store` would: their questions are embedded in batches
@@ -273,18 +275,18 @@ class AnswerCache:
             raise RequestInvalid.field("entries", f"1 to {MAX_BATCH} entries")
         for i, request in enumerate(requests):
             check_store(request, f"entries[{i}].")
-        queries = []
-        for request in requests:
-            turn = self._semantic_turn(request)
-            if turn is not None:
-                queries.append(guards.normalize(request.messages[turn].content))
+        meanings = [self._meaning(request) for request in requests]
+        queries = [meaning[1] for meaning in meanings if meaning is not None]
         missing = [q for q in dict.fromkeys(queries) if q not in self._vectors]
         if missing:
             for query, vector in zip(missing, await self._embedder.embed(missing), strict=True):
                 self._remember(query, vector)
-        return await self._store_all(requests)
+        return await self._store_all(requests, meanings)
 
-    async def _store_all(self, requests: Sequence[cache_pb2.StoreRequest]) -> list[str]:
+    async def _store_all(
+        self, requests: Sequence[cache_pb2.StoreRequest], meanings: Sequence[_Meaning | None]
+    ) -> list[str]:
+        """Stores each answer; `meanings`: each one's `_meaning`."""
         now = time.time()
         bodies, digests, ttls = [], [], []
         for request in requests:
@@ -317,7 +319,7 @@ class AnswerCache:
             self._stats.count(tenant, "stores")
             if int(count) > caps[0] or int(total) > caps[1]:
                 over.add(tenant)
-        await self._index_all(requests, digests, ttls, now)
+        await self._index_all(requests, meanings, digests, ttls, now)
         for tenant in over:
             await self._enforce_caps(tenant)
         return digests
@@ -325,24 +327,26 @@ class AnswerCache:
     async def _index_all(
         self,
         requests: Sequence[cache_pb2.StoreRequest],
+        meanings: Sequence[_Meaning | None],
         digests: Sequence[str],
         ttls: Sequence[float],
         now: float,
     ) -> None:
         """Indexes by meaning, in one upsert, each stored answer that is reused so."""
         indexed = [
-            (request, digest, ttl_s, turn)
-            for request, digest, ttl_s in zip(requests, digests, ttls, strict=True)
-            if (turn := self._semantic_turn(request)) is not None
+            (request, meaning, digest, ttl_s)
+            for request, meaning, digest, ttl_s in zip(
+                requests, meanings, digests, ttls, strict=True
+            )
+            if meaning is not None
         ]
         if not indexed:
             return
         try:
             async with asyncio.timeout(self._policy.semantic_timeout_s):
                 entries = []
-                for request, digest, ttl_s, turn in indexed:
+                for request, (turn, query), digest, ttl_s in indexed:
                     scope, messages = request.scope, request.messages
-                    query = guards.normalize(messages[turn].content)
                     entries.append(
                         Entry(
                             id=point_id(scope.tenant_id, digest),
@@ -364,13 +368,16 @@ class AnswerCache:
             for request, *_ in indexed:
                 self._stats.count(request.scope.tenant_id, "semantic_failures")
 
-    def _semantic_turn(self, request: cache_pb2.StoreRequest) -> int | None:
-        """The turn whose meaning indexes the answer; None when it is kept for exact reuse
-        only. An answer made with reuse by meaning turned off is embedded nowhere (an
-        exact-only route pays for no model)."""
+    def _meaning(self, request: cache_pb2.StoreRequest) -> _Meaning | None:
+        """The turn whose meaning indexes the answer, and that turn normalised; None when
+        the answer is kept for exact reuse only. An answer made with reuse by meaning
+        turned off is embedded nowhere (an exact-only route pays for no model)."""
         if not self._policy.semantic_enabled or request.scope.semantic.disabled:
             return None
-        return self._meaning_turn(request.messages)
+        turn = self._meaning_turn(request.messages)
+        if turn is None:
+            return None
+        return turn, guards.normalize(request.messages[turn].content)
 
     def _meaning_turn(self, messages: Sequence[common_pb2.ChatMessage]) -> int | None:
         """The last user turn, unless it is too long to be reused by meaning."""

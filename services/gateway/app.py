@@ -180,6 +180,10 @@ def _bare_rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dic
     return status_code, _error_body(message, kind, reason), headers
 
 
+def _body_too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the body is larger than {limit} bytes", None, 413, "REQUEST_TOO_LARGE")
+
+
 def _error_response(err: Exception) -> JSONResponse:
     if isinstance(err, BadRequest):
         return JSONResponse(
@@ -401,16 +405,13 @@ class Door:
         REQUEST_TOO_LARGE past it, before it is all read: its length said, or as it comes)."""
         limit = self._settings.max_message_bytes
         declared = request.headers.get("content-length", "")
-        too_large = BadRequest(
-            f"the body is larger than {limit} bytes", None, 413, "REQUEST_TOO_LARGE"
-        )
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise _body_too_large(limit)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _body_too_large(limit)
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
