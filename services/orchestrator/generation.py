@@ -481,6 +481,11 @@ class Generator:
             if settling is not None:
                 raise
             tally.error = err.reason if isinstance(err, StrataError) else "INTERNAL"
+            if tally.error == "DEADLINE_EXCEEDED":
+                # The caller's deadline passed: it gave up, as with a cancel. Whether the
+                # executor's reply or this call's own cancel comes first is a race; both are
+                # settled as cancelled.
+                tally.outcome = control_pb2.OUTCOME_CANCELLED
             if isinstance(err, StrataError) and err.reason == "STREAM_INTERRUPTED":
                 # The executor counted what the broken stream used; charge that.
                 tally.usage = usage_of_interruption(err.metadata)

@@ -14,6 +14,7 @@ import redis
 
 from services.cache.answers import AnswerCache
 from services.common.chat import assemble_tool_calls
+from services.common.errors import DeadlineExceeded
 from services.executor import tokens
 from services.orchestrator import clients, generation
 from strata.cache.v1 import cache_pb2
@@ -346,6 +347,27 @@ async def test_deadline_passes_through_to_a_hanging_model(
     error = await failure(orchestrator, test_keys.acme, ask(model="mock-hang"), timeout=0.5)
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await _settled(redis_db, "outcome_cancelled", 1)
+
+
+async def test_a_deadline_the_executor_reports_first_is_settled_as_cancelled(
+    orchestrator: Served,
+    test_keys: ApiKeys,
+    redis_db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller's deadline passes at the model: the executor's DEADLINE_EXCEEDED may reach
+    the orchestrator before its own call is cancelled. Either way the request is settled as
+    cancelled (it was counted a failure when the executor's reply came first)."""
+
+    async def deadline_first(self: Any, request: Any, deadline: Any) -> Any:
+        raise DeadlineExceeded("deadline exceeded waiting for executor")
+        yield  # (an async generator, as ExecutorClient.stream)
+
+    monkeypatch.setattr(clients.ExecutorClient, "stream", deadline_first)
+    error = await failure(orchestrator, test_keys.acme, ask())
+    assert (error.code, error.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
+    await _settled(redis_db, "outcome_cancelled", 1)
+    assert usage_record(redis_db).get("outcome_failure", 0) == 0
 
 
 @pytest.mark.parametrize("then", ["runs", "stops"])
